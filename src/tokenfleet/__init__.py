@@ -1,0 +1,1 @@
+"""Fleet-wide OAuth2 client-credentials tokens, shared through Redis."""

@@ -1,0 +1,48 @@
+"""Time, behind a seam that tests can move by hand."""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+import anyio
+
+
+class Clock(Protocol):
+    """Where tokenfleet reads the time and waits.
+
+    `time` is the wall clock (Unix seconds), used only for what crosses
+    process boundaries (``expires_at``, ``Retry-After`` dates).  `monotonic`
+    measures every deadline inside a process.
+    """
+
+    def time(self) -> float:
+        """Return the wall-clock time in Unix seconds."""
+        ...
+
+    def monotonic(self) -> float:
+        """Return a clock that never goes backwards, in seconds."""
+        ...
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait for *seconds*."""
+        ...
+
+
+class SystemClock:
+    """The real clock."""
+
+    def time(self) -> float:
+        """Return `time.time()`."""
+        return time.time()
+
+    def monotonic(self) -> float:
+        """Return `time.monotonic()`."""
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep on the event loop."""
+        await anyio.sleep(seconds)
+
+
+SYSTEM_CLOCK = SystemClock()
