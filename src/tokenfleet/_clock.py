@@ -29,6 +29,19 @@ class Clock(Protocol):
         ...
 
 
+# CLOCK_BOOTTIME keeps counting while the machine is suspended, where
+# CLOCK_MONOTONIC stops: a token cached before a suspend must not look
+# younger than it is afterwards.
+_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", None)
+
+
+def _boottime() -> float:
+    return time.clock_gettime(_BOOTTIME)  # type: ignore[arg-type]
+
+
+monotonic = _boottime if _BOOTTIME is not None else time.monotonic
+
+
 class SystemClock:
     """The real clock."""
 
@@ -37,8 +50,8 @@ class SystemClock:
         return time.time()
 
     def monotonic(self) -> float:
-        """Return `time.monotonic()`."""
-        return time.monotonic()
+        """Return the time since boot, suspend included, where the OS has it."""
+        return monotonic()
 
     async def sleep(self, seconds: float) -> None:
         """Sleep on the event loop."""

@@ -413,7 +413,9 @@ class TokenEndpointClient:
             raise _RetryableError(final, wait_hint)
         if status >= 500:
             final = IdPUnavailableError(
-                f"The token endpoint {token_url} answered HTTP {status}.", status=status
+                f"The token endpoint {token_url} answered HTTP {status}.",
+                status=status,
+                retry_after=wait_hint,
             )
             raise _RetryableError(final, wait_hint)
 

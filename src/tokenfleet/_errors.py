@@ -72,12 +72,20 @@ class IdPUnavailableError(TokenFleetError):
 
     Network errors, timeouts and 5xx answers are retried first; this is
     raised once the retry deadline is spent.  `status` is the last HTTP
-    status seen, or ``None`` when no answer arrived.
+    status seen, or ``None`` when no answer arrived; `retry_after` is the
+    wait the IdP asked for with its last answer, if it named one.
     """
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after
 
 
 class MalformedResponseError(TokenFleetError):

@@ -1,0 +1,407 @@
+"""The Redis store: entries, leases and failure records shared by a fleet.
+
+Every operation that reads and writes is one Lua script, so it is atomic in
+Redis; every script touches only keys of one entry, which share a hash tag
+and therefore a Redis Cluster slot.  Notices go out on one pub/sub channel
+per namespace, read by one connection per process.
+
+Outages are handled by a circuit breaker: the first failed operation opens
+it, and until a background probe gets an answer, every operation fails at
+once with `StoreUnavailableError` instead of waiting on Redis again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, ResponseError
+from redis.retry import Retry
+
+from ._clock import Clock
+from ._keys import KeySchema
+from ._store import EMPTY, NoticeHandler, Outcome, Snapshot, StoreUnavailableError
+
+logger = logging.getLogger("tokenfleet.redis")
+
+T = TypeVar("T")
+
+# KEYS: token, lease, failure.  Returns {payload, ttl} when a token is there,
+# otherwise {false, -2, failure, failure ttl}.
+_READ = """
+local payload = redis.call('GET', KEYS[1])
+if payload then
+  return {payload, redis.call('PTTL', KEYS[1])}
+end
+local failure = redis.call('GET', KEYS[3])
+if failure then
+  return {false, -2, failure, redis.call('PTTL', KEYS[3])}
+end
+return {false, -2}
+"""
+
+# KEYS: token, lease, failure.  ARGV: owner, lease ms, due-below ms.
+# Returns {outcome, payload, ttl, failure, failure ttl, lease ttl} with outcome
+# 0 present (token not due), 1 won, 2 held, 3 failed.  Checking the token
+# and taking the lease in one script is what makes "check again after
+# winning" free.
+_ACQUIRE = """
+local payload = redis.call('GET', KEYS[1])
+local ttl = -2
+if payload then
+  ttl = redis.call('PTTL', KEYS[1])
+  if ttl > tonumber(ARGV[3]) then
+    return {0, payload, ttl}
+  end
+end
+local failure = redis.call('GET', KEYS[3])
+if failure then
+  return {3, payload, ttl, failure, redis.call('PTTL', KEYS[3])}
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {1, payload, ttl}
+end
+return {2, payload, ttl, false, -2, redis.call('PTTL', KEYS[2])}
+"""
+
+# KEYS: lease.  ARGV: owner, lease ms.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+# KEYS: token, lease, failure.  ARGV: owner, payload, ttl ms, channel, notice.
+# Writes only while the caller still owns the lease, so a holder whose lease
+# ran out can never overwrite a newer token.
+_COMMIT = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 1
+"""
+
+# KEYS: lease, failure.  ARGV: owner, failure, ttl ms, channel, notice.
+_FAIL = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 1
+"""
+
+# KEYS: lease.  ARGV: owner, channel, notice.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  return 1
+end
+return 0
+"""
+
+# KEYS: token.  ARGV: digest, channel, notice.  Compare and delete: a newer
+# token is left alone.  The notice goes out either way, so every process
+# drops its own copy of the named token.
+_INVALIDATE = """
+local deleted = 0
+local payload = redis.call('GET', KEYS[1])
+if payload and string.sub(payload, 1, 32) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  deleted = 1
+end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return deleted
+"""
+
+# KEYS: token.  ARGV: payload, ttl ms, channel, notice.
+_WRITE_BACK = """
+if redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX') then
+  redis.call('PUBLISH', ARGV[3], ARGV[4])
+  return 1
+end
+return 0
+"""
+
+_OUTCOMES = (Outcome.PRESENT, Outcome.WON, Outcome.HELD, Outcome.FAILED)
+
+
+def _int(value: Any, default: int = -2) -> int:
+    return int(value) if value is not None else default
+
+
+def _snapshot(reply: list[Any], offset: int) -> Snapshot:
+    padded = list(reply[offset:]) + [None] * 5
+    return Snapshot(
+        payload=padded[0],
+        ttl_ms=_int(padded[1]) if padded[0] is not None else -2,
+        failure=padded[2],
+        failure_ttl_ms=_int(padded[3]) if padded[2] is not None else -2,
+        lease_ttl_ms=_int(padded[4]),
+    )
+
+
+class RedisStore:
+    """The store contract on a Redis server, shared by every process using it."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        schema: KeySchema,
+        clock: Clock,
+        *,
+        owns_client: bool,
+        probe_interval: float = 0.5,
+        max_probe_interval: float = 5.0,
+    ) -> None:
+        self._client = client
+        self._schema = schema
+        self._clock = clock
+        self._owns_client = owns_client
+        self._probe_interval = probe_interval
+        self._max_probe_interval = max_probe_interval
+        self._handler: NoticeHandler | None = None
+        self._scripts = {
+            name: client.register_script(source)
+            for name, source in (
+                ("read", _READ),
+                ("acquire", _ACQUIRE),
+                ("renew", _RENEW),
+                ("commit", _COMMIT),
+                ("fail", _FAIL),
+                ("release", _RELEASE),
+                ("invalidate", _INVALIDATE),
+                ("write_back", _WRITE_BACK),
+            )
+        }
+        self._broken = False
+        self._probe_task: asyncio.Task[None] | None = None
+        self._listener_task: asyncio.Task[None] | None = None
+        self._recovery_callbacks: list[Callable[[], Awaitable[None]]] = []
+        self._closed = False
+
+    @classmethod
+    def from_url(
+        cls, url: str, schema: KeySchema, clock: Clock, *, timeout: float
+    ) -> RedisStore:
+        """Connect to *url* with short timeouts and no client-side retries.
+
+        Retrying inside redis-py would multiply the wait of every call during
+        an outage; the breaker and the fallback handle failures instead.
+        """
+        client = aioredis.Redis.from_url(
+            url,
+            socket_connect_timeout=timeout,
+            socket_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+            retry_on_timeout=False,
+            health_check_interval=0,
+        )
+        return cls(client, schema, clock, owns_client=True)
+
+    @property
+    def available(self) -> bool:
+        """False while the breaker is open."""
+        return not self._broken
+
+    def on_recovery(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run *callback* each time Redis answers again after an outage."""
+        self._recovery_callbacks.append(callback)
+
+    def set_notice_handler(self, handler: NoticeHandler) -> None:
+        """Deliver notices from the channel to *handler*."""
+        self._handler = handler
+
+    async def start(self) -> None:
+        """Start listening for notices; a Redis that is down is not an error here."""
+        self._listener_task = asyncio.create_task(
+            self._listen(), name="tokenfleet-notices"
+        )
+        try:
+            await self._client.ping()
+        except (RedisError, OSError) as exc:
+            self._trip(exc)
+
+    async def aclose(self) -> None:
+        """Stop the listener and the probe, and close a client this store created."""
+        self._closed = True
+        for task in (self._listener_task, self._probe_task):
+            if task is not None:
+                task.cancel()
+        for task in (self._listener_task, self._probe_task):
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._owns_client:
+            await self._client.aclose()
+
+    # Breaker -----------------------------------------------------------------
+
+    def _trip(self, exc: BaseException) -> None:
+        if self._broken or self._closed:
+            return
+        self._broken = True
+        logger.warning(
+            "redis.unavailable",
+            extra={"error": type(exc).__name__, "detail": str(exc)[:200]},
+        )
+        self._probe_task = asyncio.create_task(
+            self._probe(), name="tokenfleet-redis-probe"
+        )
+
+    async def _probe(self) -> None:
+        interval = self._probe_interval
+        started = self._clock.monotonic()
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._client.ping()
+            except (RedisError, OSError):
+                interval = min(self._max_probe_interval, interval * 2)
+                continue
+            break
+
+        self._broken = False
+        logger.warning(
+            "redis.recovered",
+            extra={"outage_seconds": round(self._clock.monotonic() - started, 3)},
+        )
+        for callback in self._recovery_callbacks:
+            try:
+                await callback()
+            except (
+                Exception
+            ):  # a failed write-back must not stop the probe's bookkeeping
+                logger.debug("redis.recovery_callback_failed", exc_info=True)
+
+    async def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        if self._broken:
+            msg = "Redis is unavailable (the circuit breaker is open)."
+            raise StoreUnavailableError(msg)
+        try:
+            return await self._scripts[script](keys=keys, args=args)
+        except ResponseError as exc:
+            # READONLY, OOM, LOADING, MASTERDOWN and the like: Redis answered
+            # but cannot serve us, which for the cache is an outage.
+            self._trip(exc)
+            msg = f"Redis refused the {script} script ({str(exc).split(' ', 1)[0]})."
+            raise StoreUnavailableError(msg) from exc
+        except (RedisError, OSError) as exc:
+            self._trip(exc)
+            msg = f"Redis did not answer the {script} script ({type(exc).__name__})."
+            raise StoreUnavailableError(msg) from exc
+
+    # Notices -----------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        backoff = self._probe_interval
+        while not self._closed:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._schema.channel)
+                backoff = self._probe_interval
+                while True:
+                    message = await pubsub.get_message(timeout=5.0)
+                    if message is not None:
+                        self._deliver(message.get("data"))
+            except (RedisError, OSError):
+                await asyncio.sleep(backoff)
+                backoff = min(self._max_probe_interval, backoff * 2)
+            finally:
+                await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
+
+    def _deliver(self, data: object) -> None:
+        if self._handler is None or not isinstance(data, bytes):
+            return
+        parts = data.decode("ascii", "replace").split(" ")
+        if len(parts) >= 2:
+            self._handler(parts[0], parts[1], parts[2] if len(parts) > 2 else "")
+
+    # Operations --------------------------------------------------------------
+
+    def _entry_keys(self, eid: str) -> list[str]:
+        schema = self._schema
+        return [schema.token(eid), schema.lease(eid), schema.failure(eid)]
+
+    async def read(self, eid: str) -> Snapshot:
+        """Return the token, or the failure record when there is no token."""
+        reply = await self._run("read", self._entry_keys(eid), [])
+        if not reply:
+            return EMPTY
+        return _snapshot(reply, 0)
+
+    async def acquire(
+        self, eid: str, owner: str, lease_ms: int, due_below_ms: int
+    ) -> tuple[Outcome, Snapshot]:
+        """Take the lease unless a token that is not due, a failure or a lease is there."""
+        reply = await self._run(
+            "acquire", self._entry_keys(eid), [owner, lease_ms, due_below_ms]
+        )
+        return _OUTCOMES[int(reply[0])], _snapshot(reply, 1)
+
+    async def renew(self, eid: str, owner: str, lease_ms: int) -> bool:
+        """Extend the lease if *owner* still holds it."""
+        reply = await self._run("renew", [self._schema.lease(eid)], [owner, lease_ms])
+        return bool(reply)
+
+    async def commit(
+        self, eid: str, owner: str, payload: bytes, ttl_ms: int, digest: str
+    ) -> bool:
+        """Store the token if *owner* still holds the lease, release it, notify."""
+        notice = f"c {eid} {digest}"
+        reply = await self._run(
+            "commit",
+            self._entry_keys(eid),
+            [owner, payload, ttl_ms, self._schema.channel, notice],
+        )
+        return bool(reply)
+
+    async def fail(self, eid: str, owner: str, failure: bytes, ttl_ms: int) -> bool:
+        """Record a failure if *owner* still holds the lease, release it, notify."""
+        schema = self._schema
+        reply = await self._run(
+            "fail",
+            [schema.lease(eid), schema.failure(eid)],
+            [owner, failure, ttl_ms, schema.channel, f"f {eid}"],
+        )
+        return bool(reply)
+
+    async def release(self, eid: str, owner: str) -> None:
+        """Give the lease up without a token, if *owner* holds it."""
+        schema = self._schema
+        await self._run(
+            "release", [schema.lease(eid)], [owner, schema.channel, f"r {eid}"]
+        )
+
+    async def invalidate(self, eid: str, digest: str) -> bool:
+        """Delete the token if it is the one named by *digest*; always notify."""
+        schema = self._schema
+        reply = await self._run(
+            "invalidate",
+            [schema.token(eid)],
+            [digest, schema.channel, f"i {eid} {digest}"],
+        )
+        return bool(reply)
+
+    async def write_back(
+        self, eid: str, payload: bytes, ttl_ms: int, digest: str
+    ) -> bool:
+        """Store a token fetched during an outage only when Redis has none."""
+        schema = self._schema
+        reply = await self._run(
+            "write_back",
+            [schema.token(eid)],
+            [payload, ttl_ms, schema.channel, f"c {eid} {digest}"],
+        )
+        return bool(reply)
