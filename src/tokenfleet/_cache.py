@@ -53,6 +53,7 @@ from ._keys import (
     entry_id,
     fingerprint,
     token_digest,
+    url_id,
 )
 from ._models import ClientCredentials, Token, TokenResponse, normalize_scopes
 from ._redis_store import RedisStore
@@ -73,6 +74,21 @@ _FAILURE_TYPES: dict[str, type[TokenFleetError]] = {
         MalformedResponseError,
     )
 }
+
+
+def _failure_record(exc: TokenFleetError) -> bytes:
+    """Serialize an error so that other workers can raise the same one."""
+    return orjson.dumps(
+        {
+            "k": type(exc).__name__,
+            "m": str(exc),
+            "e": getattr(exc, "error", None),
+            "d": getattr(exc, "error_description", None),
+            "s": getattr(exc, "status", None),
+            "a": getattr(exc, "retry_after", None),
+            "w": getattr(exc, "endpoint_wide", False),
+        }
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +124,7 @@ class _Request:
     credentials: ClientCredentials
     token_url: str
     scopes: tuple[str, ...]
+    url_id: str
 
 
 class _LocalEntry:
@@ -285,6 +302,7 @@ class TokenCache:
         self._inflight: dict[str, asyncio.Future[Token]] = {}
         self._refreshing: set[str] = set()
         self._waiters: dict[str, asyncio.Event] = {}
+        self._endpoint_cooldowns: dict[str, tuple[float, bytes]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._started = False
         self._closed = False
@@ -507,6 +525,7 @@ class TokenCache:
             credentials=credentials,
             token_url=url,
             scopes=normalized,
+            url_id=url_id(url),
         )
 
         # The memo only saves the hashing above; dropping it is harmless.
@@ -734,12 +753,53 @@ class TokenCache:
         )
 
     async def _fetch(self, request: _Request) -> tuple[TokenResponse, float]:
+        await self._check_endpoint_cooldown(request)
+
         started = self._now()
         self._idp_fetches += 1
-        response = await self._endpoint.fetch(
-            request.credentials, request.token_url, request.scopes
-        )
+        try:
+            response = await self._endpoint.fetch(
+                request.credentials, request.token_url, request.scopes
+            )
+        except RateLimitedError as exc:
+            if exc.endpoint_wide:
+                await self._start_endpoint_cooldown(request, exc)
+            raise
+
         return response, self._now() - started
+
+    async def _check_endpoint_cooldown(self, request: _Request) -> None:
+        """Refuse to call an IdP that asked every client of it to back off."""
+        known = self._endpoint_cooldowns.get(request.url_id)
+        if known is not None and known[0] > self._now():
+            snapshot = Snapshot(
+                failure=known[1], failure_ttl_ms=round((known[0] - self._now()) * 1000)
+            )
+            raise self._remembered_error(snapshot)
+
+        try:
+            snapshot = await self._store.endpoint_cooldown(request.url_id)
+        except StoreUnavailableError:
+            return
+        if snapshot.failure is not None and snapshot.failure_ttl_ms > 0:
+            until = self._now() + snapshot.failure_ttl_ms / 1000
+            self._endpoint_cooldowns[request.url_id] = (until, snapshot.failure)
+            raise self._remembered_error(snapshot)
+
+    async def _start_endpoint_cooldown(
+        self, request: _Request, exc: RateLimitedError
+    ) -> None:
+        cooldown = self._cooldown(exc)
+        record = _failure_record(exc)
+        self._endpoint_cooldowns[request.url_id] = (self._now() + cooldown, record)
+        logger.warning(
+            "endpoint.cooldown",
+            extra={"token_url": request.token_url, "cooldown": cooldown},
+        )
+        with contextlib.suppress(StoreUnavailableError):
+            await self._store.set_endpoint_cooldown(
+                request.url_id, record, round(cooldown * 1000)
+            )
 
     async def _keep_lease(self, eid: str, owner: str) -> None:
         interval = self._lease_ms / 3000
@@ -826,14 +886,7 @@ class TokenCache:
     async def _record_failure(
         self, request: _Request, owner: str, exc: TokenFleetError
     ) -> None:
-        record = {
-            "k": type(exc).__name__,
-            "m": str(exc),
-            "e": getattr(exc, "error", None),
-            "d": getattr(exc, "error_description", None),
-            "s": getattr(exc, "status", None),
-            "a": getattr(exc, "retry_after", None),
-        }
+        record = _failure_record(exc)
         cooldown = self._cooldown(exc)
         logger.warning(
             "entry.fetch_failed",
@@ -845,9 +898,7 @@ class TokenCache:
             },
         )
         with contextlib.suppress(StoreUnavailableError):
-            await self._store.fail(
-                request.eid, owner, orjson.dumps(record), round(cooldown * 1000)
-            )
+            await self._store.fail(request.eid, owner, record, round(cooldown * 1000))
 
     def _remembered_error(self, snapshot: Snapshot) -> TokenFleetError:
         """Rebuild the error another worker recorded, as the same type."""
@@ -868,7 +919,11 @@ class TokenCache:
                 status=record.get("s"),
             )
         if cls is RateLimitedError:
-            return RateLimitedError(message, retry_after=snapshot.failure_ttl_ms / 1000)
+            return RateLimitedError(
+                message,
+                retry_after=snapshot.failure_ttl_ms / 1000,
+                endpoint_wide=bool(record.get("w")),
+            )
         if cls is IdPUnavailableError:
             return IdPUnavailableError(
                 message,

@@ -409,6 +409,7 @@ class TokenEndpointClient:
             final: TokenFleetError = RateLimitedError(
                 f"The token endpoint {token_url} is rate limiting this client (HTTP 429){shown}.",
                 retry_after=wait_hint,
+                endpoint_wide="X-Rate-Limit-Reset" in headers,
             )
             raise _RetryableError(final, wait_hint)
         if status >= 500:

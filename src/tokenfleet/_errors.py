@@ -59,12 +59,22 @@ class RateLimitedError(TokenFleetError):
 
     `retry_after` is the number of seconds the IdP asked clients to wait,
     taken from ``Retry-After`` or Okta's ``X-Rate-Limit-Reset``, or ``None``
-    when it gave no hint.
+    when it gave no hint.  `endpoint_wide` is true when the IdP reported a
+    rate-limit bucket (``X-Rate-Limit-*`` headers), which Okta shares between
+    every client of the endpoint; the cache then backs off for the whole
+    token URL, not only for one client.
     """
 
-    def __init__(self, message: str, *, retry_after: float | None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None,
+        endpoint_wide: bool = False,
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.endpoint_wide = endpoint_wide
 
 
 class IdPUnavailableError(TokenFleetError):

@@ -97,3 +97,12 @@ class KeySchema:
     def failure(self, eid: str) -> str:
         """The key remembering a recent failed fetch (cooldown)."""
         return f"{self.namespace}:{{{eid}}}:failure"
+
+    def endpoint_cooldown(self, url_id: str) -> str:
+        """The key that pauses every fetch from one token URL."""
+        return f"{self.namespace}:{{u{url_id}}}:cooldown"
+
+
+def url_id(token_url: str) -> str:
+    """Return the fixed-length id of a token URL."""
+    return hashlib.sha256(token_url.encode()).hexdigest()[:_ID_LENGTH]

@@ -13,7 +13,6 @@ once with `StoreUnavailableError` instead of waiting on Redis again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -134,6 +133,15 @@ end
 return 0
 """
 
+# KEYS: cooldown.  Returns {record, ttl} or an empty list.
+_COOLDOWN = """
+local record = redis.call('GET', KEYS[1])
+if record then
+  return {record, redis.call('PTTL', KEYS[1])}
+end
+return {}
+"""
+
 _OUTCOMES = (Outcome.PRESENT, Outcome.WON, Outcome.HELD, Outcome.FAILED)
 
 
@@ -183,6 +191,7 @@ class RedisStore:
                 ("release", _RELEASE),
                 ("invalidate", _INVALIDATE),
                 ("write_back", _WRITE_BACK),
+                ("cooldown", _COOLDOWN),
             )
         }
         self._broken = False
@@ -236,13 +245,10 @@ class RedisStore:
     async def aclose(self) -> None:
         """Stop the listener and the probe, and close a client this store created."""
         self._closed = True
-        for task in (self._listener_task, self._probe_task):
-            if task is not None:
-                task.cancel()
-        for task in (self._listener_task, self._probe_task):
-            if task is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        tasks = [t for t in (self._listener_task, self._probe_task) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._owns_client:
             await self._client.aclose()
 
@@ -259,6 +265,10 @@ class RedisStore:
         self._probe_task = asyncio.create_task(
             self._probe(), name="tokenfleet-redis-probe"
         )
+        # The notice connection may be stuck on a dead socket without noticing
+        # (a blackholed network raises nothing); start it afresh on recovery.
+        if self._listener_task is not None:
+            self._listener_task.cancel()
 
     async def _probe(self) -> None:
         interval = self._probe_interval
@@ -273,6 +283,9 @@ class RedisStore:
             break
 
         self._broken = False
+        self._listener_task = asyncio.create_task(
+            self._listen(), name="tokenfleet-notices"
+        )
         logger.warning(
             "redis.recovered",
             extra={"outage_seconds": round(self._clock.monotonic() - started, 3)},
@@ -405,3 +418,24 @@ class RedisStore:
             [payload, ttl_ms, schema.channel, f"c {eid} {digest}"],
         )
         return bool(reply)
+
+    async def endpoint_cooldown(self, uid: str) -> Snapshot:
+        """Return the cooldown of a token URL as a failure record, if any."""
+        reply = await self._run("cooldown", [self._schema.endpoint_cooldown(uid)], [])
+        if not reply:
+            return EMPTY
+        return Snapshot(failure=reply[0], failure_ttl_ms=int(reply[1]))
+
+    async def set_endpoint_cooldown(self, uid: str, record: bytes, ttl_ms: int) -> None:
+        """Pause every fetch from a token URL, fleet-wide, for *ttl_ms*."""
+        if self._broken:
+            msg = "Redis is unavailable (the circuit breaker is open)."
+            raise StoreUnavailableError(msg)
+        try:
+            await self._client.set(
+                self._schema.endpoint_cooldown(uid), record, px=ttl_ms
+            )
+        except (RedisError, OSError) as exc:
+            self._trip(exc)
+            msg = f"Redis did not store the endpoint cooldown ({type(exc).__name__})."
+            raise StoreUnavailableError(msg) from exc

@@ -82,6 +82,12 @@ class Store(Protocol):
         self, eid: str, payload: bytes, ttl_ms: int, digest: str
     ) -> bool: ...
 
+    async def endpoint_cooldown(self, uid: str) -> Snapshot: ...
+
+    async def set_endpoint_cooldown(
+        self, uid: str, record: bytes, ttl_ms: int
+    ) -> None: ...
+
 
 def payload_digest(payload: bytes) -> str:
     """Return the token digest an entry payload starts with."""
@@ -117,6 +123,7 @@ class MemoryStore:
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
         self._slots: dict[str, _Slot] = {}
+        self._cooldowns: dict[str, tuple[bytes, float]] = {}
         self._handler: NoticeHandler | None = None
 
     async def start(self) -> None:
@@ -260,3 +267,16 @@ class MemoryStore:
         )
         self._notify("c", eid, digest)
         return True
+
+    async def endpoint_cooldown(self, uid: str) -> Snapshot:
+        """Return the cooldown of a token URL as a failure record, if any."""
+        record, until = self._cooldowns.get(uid, (b"", 0.0))
+        ttl_ms = round((until - self._clock.monotonic()) * 1000)
+        if ttl_ms <= 0:
+            self._cooldowns.pop(uid, None)
+            return EMPTY
+        return Snapshot(failure=record, failure_ttl_ms=ttl_ms)
+
+    async def set_endpoint_cooldown(self, uid: str, record: bytes, ttl_ms: int) -> None:
+        """Pause every fetch from a token URL for *ttl_ms*."""
+        self._cooldowns[uid] = (record, self._clock.monotonic() + ttl_ms / 1000)
