@@ -62,7 +62,9 @@ class RetryPolicy:
             raise ConfigurationError(msg)
         for name in ("deadline", "initial_backoff", "max_backoff", "multiplier"):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or value < 0:
+            # Written as "not >= 0" so that NaN, which compares false to
+            # everything, is refused too.
+            if not isinstance(value, int | float) or not value >= 0:
                 msg = f"{name} must be a non-negative number of seconds, not {value!r}."
                 raise ConfigurationError(msg)
 
@@ -108,6 +110,14 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _shown_url(token_url: str) -> str:
+    # Userinfo always ends at the last '@' (a raw '@' in a password only adds
+    # earlier ones), so nothing before it is ever quoted back.
+    if "@" not in token_url:
+        return repr(token_url)
+    return repr("…@" + token_url.rpartition("@")[2])
+
+
 def validate_token_url(token_url: str, *, allow_insecure_http: bool = False) -> str:
     """Return *token_url* when it is an absolute https URL, else raise.
 
@@ -122,18 +132,18 @@ def validate_token_url(token_url: str, *, allow_insecure_http: bool = False) -> 
         parts = urlsplit(token_url)
         host = parts.hostname or ""
     except ValueError as exc:
-        msg = f"The token URL {token_url!r} cannot be parsed."
+        msg = f"The token URL {_shown_url(token_url)} cannot be parsed."
         raise ConfigurationError(msg) from exc
 
     if parts.scheme not in ("https", "http") or not host:
-        msg = f"The token URL {token_url!r} must be an absolute http(s) URL."
+        msg = f"The token URL {_shown_url(token_url)} must be an absolute http(s) URL."
         raise ConfigurationError(msg)
     if parts.username is not None or parts.password is not None or parts.fragment:
         msg = "The token URL must not carry credentials or a fragment; pass credentials as ClientCredentials."
         raise ConfigurationError(msg)
     if parts.scheme == "http" and not (allow_insecure_http or _is_loopback(host)):
         msg = (
-            f"The token URL {token_url!r} uses plain http to a host that is not "
+            f"The token URL {_shown_url(token_url)} uses plain http to a host that is not "
             "loopback; client secrets would travel unencrypted. Use https, or "
             "set allow_insecure_http=True."
         )
