@@ -33,7 +33,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from ._clock import SYSTEM_CLOCK, Clock
+from ._clock import SYSTEM_CLOCK, Clock, monotonic
 from ._endpoint import BasicAuthEncoding, RetryPolicy, TokenEndpointClient
 from ._errors import (
     CacheClosedError,
@@ -274,7 +274,8 @@ class TokenCache:
         self._fingerprint_key = fingerprint_key or DEFAULT_FINGERPRINT_KEY
 
         self._clock = clock or SYSTEM_CLOCK
-        self._now = self._clock.monotonic
+        # The system clock's function directly: one Python frame less per hit.
+        self._now = monotonic if clock is None else clock.monotonic
         self._rng = rng or random.Random()
         self._schema = KeySchema(check_namespace(namespace))
         self._redis_url = redis_url
@@ -412,15 +413,28 @@ class TokenCache:
         or with *token_url* (any OAuth2 IdP).  Scope order and duplicates do
         not matter.
         """
-        memo = (
-            credentials,
-            stage,
-            cell,
-            token_url,
-            scopes
-            if scopes is None or type(scopes) is str or type(scopes) is tuple
-            else tuple(scopes),
-        )
+        # The memo maps the arguments as given to the resolved request, so a
+        # warm lookup skips validation and hashing.  Lists are the usual
+        # scopes; any other iterable is read once, here, since an iterator
+        # cannot be read twice.
+        if type(scopes) is list:
+            scope_key: object = tuple(scopes)
+        elif scopes is None or type(scopes) is str or type(scopes) is tuple:
+            scope_key = scopes
+        else:
+            scopes = scope_key = tuple(scopes)
+        memo: tuple[object, ...]
+        try:
+            memo = (
+                credentials.client_id,
+                credentials.client_secret,
+                stage,
+                cell,
+                token_url,
+                scope_key,
+            )
+        except AttributeError:
+            memo = ()
         request = self._requests.get(memo)
         if request is None:
             request = self._resolve(memo, credentials, stage, cell, token_url, scopes)
