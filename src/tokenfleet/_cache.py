@@ -388,7 +388,9 @@ class TokenCache:
             await asyncio.gather(*tasks, return_exceptions=True)
         for future in self._inflight.values():
             if not future.done():
-                future.cancel()
+                future.set_exception(
+                    CacheClosedError("The TokenCache was closed during the lookup.")
+                )
 
         await self._store.aclose()
         if self._owns_endpoint:
@@ -581,7 +583,11 @@ class TokenCache:
         try:
             token = await self._obtain(request)
         except asyncio.CancelledError:
-            future.cancel()
+            # Only aclose() cancels a load; its callers learn why.
+            if not future.done():
+                future.set_exception(
+                    CacheClosedError("The TokenCache was closed during the lookup.")
+                )
             raise
         except BaseException as exc:
             future.set_exception(exc)
@@ -980,12 +986,9 @@ class TokenCache:
 
     async def _refresh_once(self, local: _LocalEntry, request: _Request) -> None:
         owner = self._new_owner()
-        due_below = (
-            round(local.refresh_below * 1000) if local.refresh_at > 0 else 1 << 62
-        )
-        if local.refresh_at == 0.0:
-            # A notice said a newer token exists: read it, do not fetch.
-            due_below = 0
+        # A refresh point of zero means a notice announced a newer token:
+        # read it, do not fetch.
+        due_below = round(local.refresh_below * 1000) if local.refresh_at > 0 else 0
         try:
             outcome, snapshot = await self._store.acquire(
                 request.eid, owner, self._lease_ms, due_below
