@@ -195,6 +195,7 @@ class RedisStore:
             )
         }
         self._broken = False
+        self._probe_key = f"{schema.namespace}:probe"
         self._probe_task: asyncio.Task[None] | None = None
         self._listener_task: asyncio.Task[None] | None = None
         self._recovery_callbacks: list[Callable[[], Awaitable[None]]] = []
@@ -276,7 +277,10 @@ class RedisStore:
         while True:
             await asyncio.sleep(interval)
             try:
-                await self._client.ping()
+                # A write, not a PING: a read-only replica, a full (OOM) or a
+                # loading server answers PING but refuses every script, and
+                # recovering on PING would flap between the two states.
+                await self._client.set(self._probe_key, b"1", px=1000)
             except (RedisError, OSError):
                 interval = min(self._max_probe_interval, interval * 2)
                 continue
