@@ -304,6 +304,10 @@ class TokenCache:
         self._refreshing: set[str] = set()
         self._waiters: dict[str, asyncio.Event] = {}
         self._endpoint_cooldowns: dict[str, tuple[float, bytes]] = {}
+        # Failures of fetches made while Redis could not record them, kept
+        # here instead (eid -> (until, record)) so a failing IdP is not asked
+        # again by every caller during an outage.
+        self._local_failures: dict[str, tuple[float, bytes]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._started = False
         self._closed = False
@@ -917,8 +921,10 @@ class TokenCache:
                 "cooldown": cooldown,
             },
         )
-        with contextlib.suppress(StoreUnavailableError):
+        try:
             await self._store.fail(request.eid, owner, record, round(cooldown * 1000))
+        except StoreUnavailableError:
+            self._remember_failure(request, record, cooldown)
 
     def _remembered_error(self, snapshot: Snapshot) -> TokenFleetError:
         """Rebuild the error another worker recorded, as the same type."""
@@ -1018,12 +1024,47 @@ class TokenCache:
 
     async def _fetch_unshared(self, request: _Request) -> Token:
         """Fetch for this process alone while Redis is unavailable."""
+        self._check_local_failure(request)
+
         started = self._now()
         self._fallback_fetches += 1
-        response, fetch_seconds = await self._fetch(request)
+        try:
+            response, fetch_seconds = await self._fetch(request)
+        except TokenFleetError as exc:
+            # An endpoint-wide cooldown is already remembered for the URL.
+            if not (isinstance(exc, RateLimitedError) and exc.endpoint_wide):
+                record, cooldown = _failure_record(exc), self._cooldown(exc)
+                self._remember_failure(request, record, cooldown)
+            raise
+
         ttl, refresh_below, margin = self._plan(response.expires_in, fetch_seconds)
         payload, _ = self._encode(response, refresh_below, margin)
         return self._remember(request, payload, ttl, started, shared=False)
+
+    def _remember_failure(
+        self, request: _Request, record: bytes, cooldown: float
+    ) -> None:
+        """Keep a failure in this process while Redis cannot hold it."""
+        now = self._now()
+        if len(self._local_failures) >= self._local_max:
+            self._local_failures = {
+                eid: known
+                for eid, known in self._local_failures.items()
+                if known[0] > now
+            }
+        self._local_failures[request.eid] = (now + cooldown, record)
+
+    def _check_local_failure(self, request: _Request) -> None:
+        """Raise the failure this process remembers for *request*, if any."""
+        known = self._local_failures.get(request.eid)
+        if known is None:
+            return
+        left = known[0] - self._now()
+        if left <= 0:
+            del self._local_failures[request.eid]
+            return
+        snapshot = Snapshot(failure=known[1], failure_ttl_ms=round(left * 1000))
+        raise self._remembered_error(snapshot)
 
     async def _write_back_unshared(self) -> None:
         """After an outage, share tokens fetched alone; a token in Redis wins."""
