@@ -9,8 +9,6 @@ line on stdin, then runs its tasks and prints one JSON report on stdout.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import os
 import sys
@@ -24,6 +22,7 @@ import orjson
 from ._cache import TokenCache
 from ._fleet import LatencyHistogram, WorkerAssignment, tenant_credentials
 from ._models import ClientCredentials, Token
+from ._parse import jwt_expiry
 
 # Exit status when the parent went away before sending the start signal.
 _ORPHANED = 3
@@ -56,25 +55,6 @@ def _write_progress(path: Path, tally: _Tally, phase: str, elapsed: float) -> No
     partial = path.with_suffix(".partial")
     partial.write_bytes(tally.progress(phase, elapsed))
     os.replace(partial, path)
-
-
-def _jwt_expiry(access_token: str) -> float | None:
-    """The ``exp`` claim of a JWT, read without checking its signature."""
-    try:
-        segment = access_token.split(".")[1]
-        claims = orjson.loads(
-            base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-        )
-        return float(claims["exp"])
-    except (
-        IndexError,
-        binascii.Error,
-        orjson.JSONDecodeError,
-        KeyError,
-        TypeError,
-        ValueError,
-    ):
-        return None
 
 
 async def _call_repeatedly(
@@ -110,7 +90,7 @@ async def _call_repeatedly(
         if token is not None:
             warm = True
             if token is not last_token:
-                last_token, expiry = token, _jwt_expiry(token.access_token)
+                last_token, expiry = token, jwt_expiry(token.access_token)
             if expiry is None:
                 tally.failures["UnreadableTokenError"] += 1
             elif time.time() >= expiry:
