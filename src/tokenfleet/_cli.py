@@ -3,7 +3,8 @@
 ``tokenfleet regions`` lists the known stages and cells, ``tokenfleet
 fake-idp`` runs the fake IdP on a loopback port until stopped, and
 ``tokenfleet token`` fetches one token with the credentials found in the
-environment.
+environment, and ``tokenfleet demo`` runs a fleet of processes sharing
+tokens through Redis.
 
 Each subcommand is one ``_add_<name>`` function that registers its parser
 and sets ``run`` to the function carrying it out; `SUBCOMMANDS` lists them in
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, TextIO, TypeAlias
 import anyio
 import orjson
 
+from ._demo import add_demo_arguments, run_demo
 from ._endpoint import BasicAuthEncoding, TokenEndpointClient, _is_loopback
 from ._errors import TokenFleetError
 from ._models import ClientCredentials, TokenResponse, normalize_scopes
@@ -365,12 +367,30 @@ def _masked(access_token: str) -> str:
     return f"{prefix}…({len(access_token)} chars)"
 
 
+# tokenfleet demo
+
+
+def _add_demo(subcommands: Subcommands) -> None:
+    parser = subcommands.add_parser(
+        "demo",
+        help="run a fleet of processes sharing tokens, and show what the IdP saw",
+        description="Run the fake IdP, a private redis-server (unless "
+        "--redis-url names one; without either, an in-memory cache per "
+        "process) and a fleet of worker processes asking for tokens, with a "
+        "live progress line and a summary of calls, latency and tokens "
+        "issued per tenant per lifetime.",
+    )
+    add_demo_arguments(parser)
+    parser.set_defaults(run=run_demo)
+
+
 # The command
 
 SUBCOMMANDS: tuple[Callable[[Subcommands], None], ...] = (
     _add_regions,
     _add_fake_idp,
     _add_token,
+    _add_demo,
 )
 
 
