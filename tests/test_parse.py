@@ -139,6 +139,29 @@ def test_missing_expires_in_falls_back_to_the_jwt_exp() -> None:
     assert token.expires_in == 1800.0
 
 
+def test_an_earlier_jwt_exp_shortens_expires_in() -> None:
+    """A token whose ``exp`` comes before now + ``expires_in`` lives until ``exp``."""
+    access_token = _jwt({"exp": NOW + 3599})
+
+    token = _success(
+        {"access_token": access_token, "token_type": "Bearer", "expires_in": 3600}
+    )
+
+    assert token.expires_in == 3599.0
+
+
+@pytest.mark.parametrize("exp", [NOW + 7200, NOW - 10])
+def test_a_later_or_past_jwt_exp_leaves_expires_in_alone(exp: float) -> None:
+    """``exp`` never lengthens ``expires_in``, and a past ``exp`` (clock skew) is ignored."""
+    access_token = _jwt({"exp": exp})
+
+    token = _success(
+        {"access_token": access_token, "token_type": "Bearer", "expires_in": 3600}
+    )
+
+    assert token.expires_in == 3600.0
+
+
 def test_null_expires_in_counts_as_missing() -> None:
     """``"expires_in": null`` is treated like an absent field."""
     access_token = _jwt({"exp": NOW + 900})

@@ -162,7 +162,13 @@ def _lifetime(
         if expires_in is None:
             msg = f"The token endpoint answered {where} with an 'expires_in' that is not a positive number of seconds."
             raise MalformedResponseError(msg)
-        return expires_in
+        # IdPs truncate iat and exp to whole seconds, so the token's own exp
+        # can come up to a second before now + expires_in.  When the token
+        # says so, believe the earlier of the two; an exp already in the past
+        # by this clock says more about clock skew than about the token.
+        exp = jwt_expiry(access_token)
+        by_claim = _positive_seconds(exp - now) if exp is not None else None
+        return min(expires_in, by_claim) if by_claim is not None else expires_in
 
     exp = jwt_expiry(access_token)
     if exp is None:
