@@ -246,6 +246,8 @@ def _markdown(results: dict[str, Any]) -> str:
 
 
 def _chart(results: dict[str, Any]) -> Any:
+    # A short run may have no call near an expiry: its missing p99 is
+    # drawn as no bar.
     figure = _common.new_figure(10, 4)
     left, right = figure.subplots(1, 2)
     sizes = list(dict.fromkeys(row["size"] for row in results["rows"]))
@@ -265,14 +267,14 @@ def _chart(results: dict[str, Any]) -> Any:
         )
         right.bar(
             [x - width * 0.2 for x in xs],
-            [rows[s]["latency_ms"]["steady"]["p99"] for s in present],
+            [rows[s]["latency_ms"]["steady"]["p99"] or 0.0 for s in present],
             width=width * 0.4,
             color=colours[mode],
             alpha=0.5,
         )
         right.bar(
             [x + width * 0.2 for x in xs],
-            [rows[s]["latency_ms"]["expiry"]["p99"] for s in present],
+            [rows[s]["latency_ms"]["expiry"]["p99"] or 0.0 for s in present],
             width=width * 0.4,
             color=colours[mode],
             label=MODES[mode],
