@@ -606,6 +606,14 @@ class TokenCache:
 
     async def _obtain(self, request: _Request) -> Token:
         """Get a token from the store, from another worker's fetch, or from the IdP."""
+        try:
+            return await self._obtain_waiting(request)
+        finally:
+            # Lookups are single-flighted per entry, so the waiter left is
+            # this lookup's; an idle entry must not keep an Event alive.
+            self._waiters.pop(request.eid, None)
+
+    async def _obtain_waiting(self, request: _Request) -> Token:
         deadline = self._now() + self._wait_timeout
         force = False
         while True:
@@ -743,7 +751,9 @@ class TokenCache:
             refresh_at=expire_at - refresh_below,
             refresh_below=refresh_below,
             margin=margin,
-            payload=payload,
+            # Only a token that Redis has not seen needs its payload kept,
+            # for the write-back; otherwise it would double the entry's size.
+            payload=b"" if shared else payload,
             request=request,
             shared=shared,
         )
@@ -757,13 +767,11 @@ class TokenCache:
         return token
 
     def _evict(self) -> None:
-        now = self._now()
-        expired = [eid for eid, entry in self._local.items() if entry.expire_at <= now]
-        for eid in expired:
-            del self._local[eid]
+        # dicts keep insertion order, and entries are re-inserted when
+        # refreshed, so the first one is the least recently refreshed.  No
+        # scan for expired entries: that would make every insertion into a
+        # full layer cost as much as the layer is large.
         while len(self._local) >= self._local_max:
-            # dicts keep insertion order, and entries are re-inserted when
-            # refreshed, so the first one is the least recently refreshed.
             del self._local[next(iter(self._local))]
 
     def _adopt(self, request: _Request, snapshot: Snapshot) -> Token:
