@@ -664,10 +664,12 @@ class TokenCache:
         # The notice normally ends the wait; the timeout is only a backstop
         # for a lost notice or a holder that died, whose lease then expires.
         lease_left = snapshot.lease_ttl_ms / 1000 if snapshot.lease_ttl_ms > 0 else 0.05
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a
+        # cancellation that arrives together with the notice, and aclose()
+        # would then wait for this lookup to run to its end.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(
-                waiter.wait(), timeout=min(remaining, lease_left + 0.05, 2.0)
-            )
+            async with asyncio.timeout(min(remaining, lease_left + 0.05, 2.0)):
+                await waiter.wait()
 
     def _on_notice(self, kind: str, eid: str, digest: str) -> None:
         waiter = self._waiters.pop(eid, None)
