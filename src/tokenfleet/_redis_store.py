@@ -194,6 +194,12 @@ class RedisStore:
                 ("cooldown", _COOLDOWN),
             )
         }
+        # redis-py's pool refuses a connection beyond its size at once ("Too
+        # many connections"), which would trip the breaker when many entries
+        # go cold together; scripts queue here instead, leaving room in the
+        # pool for the notice connection and the probe.
+        pool_size = getattr(client.connection_pool, "max_connections", 100)
+        self._script_slots = asyncio.Semaphore(max(1, min(64, pool_size - 4)))
         self._broken = False
         self._probe_key = f"{schema.namespace}:probe"
         self._probe_task: asyncio.Task[None] | None = None
@@ -303,9 +309,19 @@ class RedisStore:
                 logger.debug("redis.recovery_callback_failed", exc_info=True)
 
     async def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        self._check_breaker()
+        async with self._script_slots:
+            # Checked after queueing too: once the breaker opens, the queue
+            # empties at once instead of waiting on Redis call by call.
+            self._check_breaker()
+            return await self._run_script(script, keys, args)
+
+    def _check_breaker(self) -> None:
         if self._broken:
             msg = "Redis is unavailable (the circuit breaker is open)."
             raise StoreUnavailableError(msg)
+
+    async def _run_script(self, script: str, keys: list[str], args: list[Any]) -> Any:
         try:
             return await self._scripts[script](keys=keys, args=args)
         except ResponseError as exc:
