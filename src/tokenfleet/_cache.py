@@ -788,6 +788,12 @@ class TokenCache:
 
     async def _fetch(self, request: _Request) -> tuple[TokenResponse, float]:
         await self._check_endpoint_cooldown(request)
+        if self._closed:
+            # redis-py sends with asyncio.wait_for, which on Python 3.11 can
+            # drop the cancellation aclose() sent during the read above
+            # (https://github.com/python/cpython/issues/86296); never start
+            # an IdP request, which aclose() would wait out, after closing.
+            raise asyncio.CancelledError
 
         started = self._now()
         self._idp_fetches += 1
