@@ -295,6 +295,9 @@ def idp_summary(
     generations = token_generations(in_run, gap=fleet.expires_in / 4)
     total_generations = sum(generations.values())
     lifetimes = fleet.duration / fleet.expires_in
+    # From one lifetime on, the cold start and whatever it upset are over.
+    later = [r for r in in_run if r[1] >= t0 + fleet.expires_in]
+    later_generations = sum(token_generations(later, fleet.expires_in / 4).values())
 
     return {
         "calls": len(in_run),
@@ -305,4 +308,7 @@ def idp_summary(
         if total_generations
         else 0.0,
         "calls_per_key_per_lifetime": len(in_run) / (fleet.tenants * lifetimes),
+        "after_first_lifetime_per_key_per_generation": len(later) / later_generations
+        if later_generations
+        else None,
     }

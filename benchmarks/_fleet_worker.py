@@ -15,7 +15,10 @@ Token sources (``mode``):
   documentation suggests for client credentials.
 
 Task ``j`` of worker ``w`` walks through every tenant in turn, starting at
-``w * tasks + j``, so that every process asks for every tenant.  Each call is
+``j * tenants // tasks + w``: the tasks start spread evenly over the tenants,
+so every process asks for every tenant once per ``tenants / tasks`` calls of
+each task (tasks starting side by side would sweep a narrow window of
+tenants, and leave the others unasked for most of the run).  Each call is
 counted in a 0.1 s time bucket and in one of three classes: ``cold`` (the
 process has not yet seen a token for that tenant), ``expiry`` (within half a
 second of the moment a token of that tenant, as this process saw it, stops
@@ -158,8 +161,12 @@ class AuthlibSource(TokenSource):
     def __init__(self, assignment: dict[str, Any]) -> None:
         import warnings
 
+        # Authlib 1.9 warns, on import, that its httpx module is deprecated,
+        # after installing an 'always' filter for its warnings: import that
+        # first, so the 'ignore' below comes ahead of it.
+        import authlib.deprecate  # noqa: F401
+
         with warnings.catch_warnings():
-            # Authlib 1.9 warns, on import, that its httpx module is deprecated.
             warnings.filterwarnings("ignore", "The httpx module is deprecated")
             from authlib.integrations.httpx_client import AsyncOAuth2Client
 
@@ -254,7 +261,12 @@ async def work(assignment: dict[str, Any]) -> int:
     await asyncio.gather(
         *(
             call_repeatedly(
-                source, tally, assignment, assignment["index"] * tasks + j, t0, deadline
+                source,
+                tally,
+                assignment,
+                j * assignment["tenants"] // tasks + assignment["index"],
+                t0,
+                deadline,
             )
             for j in range(tasks)
         )

@@ -10,7 +10,9 @@ request as [client id, CLOCK_MONOTONIC arrival, status]), ``reset`` and
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import time
 from pathlib import Path
 
 import orjson
@@ -31,7 +33,9 @@ def main() -> int:
 
     low, high = args.latency
     idp = FakeIdP(
-        expires_in=args.expires_in, latency=(low, high) if high > low else low
+        expires_in=args.expires_in,
+        latency=(low, high) if high > low else low,
+        clock=_rounded_up_time,
     )
     for index in range(args.tenants):
         idp.add_client(tenant_id(index), tenant_secret(index))
@@ -55,6 +59,14 @@ def main() -> int:
                 _reply({"error": f"unknown command {command!r}"})
 
     return 0
+
+
+def _rounded_up_time() -> float:
+    # The IdP writes whole seconds into a token's exp claim, and the cache
+    # trusts an exp earlier than expires_in: with the true time, a 5 s token
+    # could live anywhere from 4 to 5 s.  Rounding the IdP's clock up keeps
+    # exp at or after the moment expires_in ends.
+    return float(math.ceil(time.time()))
 
 
 def _issued_by_client(idp: FakeIdP) -> dict[str, int]:

@@ -168,9 +168,8 @@ def measure(options: Options) -> dict[str, Any]:
         (outage.repopulated_at or plan.duration) - restarted,
         (last_duplicate - restarted) if last_duplicate is not None else 0.0,
     )
-    before = [
-        r for r in requests if 1.5 * plan.expires_in <= r[1] - outcome.t0 < killed
-    ]
+    # After the cold start, before the kill: the fleet's ordinary rhythm.
+    before = [r for r in requests if 1.0 <= r[1] - outcome.t0 < killed]
     steady_generations = token_generations(before, plan.expires_in / 4)
 
     during = outcome.latency(["steady", "expiry"], killed, restarted).summary_ms()

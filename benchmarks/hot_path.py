@@ -237,8 +237,12 @@ class _Contenders:
         }
 
     async def _authlib(self) -> dict[str, Alternative]:
+        # Authlib 1.9 warns, on import, that its httpx module is deprecated,
+        # after installing an 'always' filter for its warnings: import that
+        # first, so the 'ignore' below comes ahead of it.
+        import authlib.deprecate  # noqa: F401
+
         with warnings.catch_warnings():
-            # Authlib 1.9 warns, on import, that its httpx module is deprecated.
             warnings.filterwarnings("ignore", "The httpx module is deprecated")
             from authlib.integrations.httpx_client import AsyncOAuth2Client
 

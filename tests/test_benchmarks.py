@@ -111,7 +111,9 @@ def test_fleet_runs_every_client_and_counts_idp_calls(tmp_path: Path) -> None:
         assert row["idp"]["keys"] == tenants
         assert row["idp"]["calls"] >= tenants
         assert row["idp"]["calls_per_key_per_generation"] >= 1.0
-        assert _ordered(row["latency_ms"]["steady"])
+        latency = row["latency_ms"]
+        assert _ordered(latency["cold_start"])
+        assert latency["steady"]["calls"] + latency["expiry"]["calls"] > 0
     assert (
         rows["tokenfleet"]["counters"]["idp_fetches"]
         == rows["tokenfleet"]["idp"]["calls"]
