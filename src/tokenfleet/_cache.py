@@ -363,7 +363,11 @@ class TokenCache:
             )
         elif self._redis_client is not None:
             self._redis_store = RedisStore(
-                self._redis_client, self._schema, self._clock, owns_client=False
+                self._redis_client,
+                self._schema,
+                self._clock,
+                owns_client=False,
+                timeout=self._redis_timeout,
             )
         if self._redis_store is not None:
             self._redis_store.on_recovery(self._write_back_unshared)

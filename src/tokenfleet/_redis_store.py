@@ -170,10 +170,14 @@ class RedisStore:
         clock: Clock,
         *,
         owns_client: bool,
+        timeout: float | None = None,
         probe_interval: float = 0.5,
         max_probe_interval: float = 5.0,
     ) -> None:
         self._client = client
+        # Bounds each operation, connecting included (None: the client's own
+        # timeouts alone).
+        self._timeout = timeout
         self._schema = schema
         self._clock = clock
         self._owns_client = owns_client
@@ -215,16 +219,20 @@ class RedisStore:
 
         Retrying inside redis-py would multiply the wait of every call during
         an outage; the breaker and the fallback handle failures instead.
+        Operations are bounded by *timeout* here rather than by redis-py's
+        ``socket_timeout``, which wraps each write in ``asyncio.wait_for``:
+        on Python 3.11 that drops a cancellation arriving as the write
+        completes, and a lookup cancelled by ``aclose()`` would carry on.
         """
         client = aioredis.Redis.from_url(
             url,
             socket_connect_timeout=timeout,
-            socket_timeout=timeout,
+            socket_timeout=None,
             retry=Retry(NoBackoff(), 0),
             retry_on_timeout=False,
             health_check_interval=0,
         )
-        return cls(client, schema, clock, owns_client=True)
+        return cls(client, schema, clock, owns_client=True, timeout=timeout)
 
     @property
     def available(self) -> bool:
@@ -245,7 +253,8 @@ class RedisStore:
             self._listen(), name="tokenfleet-notices"
         )
         try:
-            await self._client.ping()
+            async with asyncio.timeout(self._timeout):
+                await self._client.ping()
         except (RedisError, OSError) as exc:
             self._trip(exc)
 
@@ -286,12 +295,17 @@ class RedisStore:
                 # A write, not a PING: a read-only replica, a full (OOM) or a
                 # loading server answers PING but refuses every script, and
                 # recovering on PING would flap between the two states.
-                await self._client.set(self._probe_key, b"1", px=1000)
+                async with asyncio.timeout(self._timeout):
+                    await self._client.set(self._probe_key, b"1", px=1000)
             except (RedisError, OSError):
                 interval = min(self._max_probe_interval, interval * 2)
                 continue
             break
 
+        # Idle connections opened before the outage may lead to a server that
+        # is gone; redis-py can hand them out unchecked, and the first script
+        # sent on one would open the breaker again right away.
+        await self._client.connection_pool.disconnect(inuse_connections=False)
         self._broken = False
         self._listener_task = asyncio.create_task(
             self._listen(), name="tokenfleet-notices"
@@ -323,7 +337,8 @@ class RedisStore:
 
     async def _run_script(self, script: str, keys: list[str], args: list[Any]) -> Any:
         try:
-            return await self._scripts[script](keys=keys, args=args)
+            async with asyncio.timeout(self._timeout):
+                return await self._scripts[script](keys=keys, args=args)
         except ResponseError as exc:
             # READONLY, OOM, LOADING, MASTERDOWN and the like: Redis answered
             # but cannot serve us, which for the cache is an outage.
@@ -342,7 +357,8 @@ class RedisStore:
         while not self._closed:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(self._schema.channel)
+                async with asyncio.timeout(self._timeout):
+                    await pubsub.subscribe(self._schema.channel)
                 backoff = self._probe_interval
                 while True:
                     message = await pubsub.get_message(timeout=5.0)
@@ -452,9 +468,10 @@ class RedisStore:
             msg = "Redis is unavailable (the circuit breaker is open)."
             raise StoreUnavailableError(msg)
         try:
-            await self._client.set(
-                self._schema.endpoint_cooldown(uid), record, px=ttl_ms
-            )
+            async with asyncio.timeout(self._timeout):
+                await self._client.set(
+                    self._schema.endpoint_cooldown(uid), record, px=ttl_ms
+                )
         except (RedisError, OSError) as exc:
             self._trip(exc)
             msg = f"Redis did not store the endpoint cooldown ({type(exc).__name__})."
