@@ -327,6 +327,7 @@ def _chart(results: dict[str, Any]) -> Any:
         ax.set_yscale("log")
     left.set_ylabel("IdP calls per key per token")
     left.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    left.set_ylim(bottom=0.5)
     left.legend(fontsize=7)
     right.set_ylabel("p99 ms (pale: steady, dark: around expiry)")
     right.legend(fontsize=7)

@@ -450,30 +450,36 @@ def _markdown(results: dict[str, Any]) -> str:
 
 
 def _chart(results: dict[str, Any]) -> Any:
-    figure = _common.new_figure(10, 4.2)
-    axes = figure.subplots(1, len(SITUATIONS))
+    rows = results["rows"]
+    figure = _common.new_figure(8, 5.5)
+    ax = figure.subplots()
+    colours = dict(zip(SITUATIONS, ("#4477aa", "#228833", "#ee6677"), strict=True))
+    positions = list(range(len(rows)))
 
-    for ax, situation in zip(axes, SITUATIONS, strict=True):
-        rows = [r for r in results["rows"] if r["situation"] == situation]
-        names = [
-            r["name"].replace("floor: ", "floor:\n").replace(", ", ",\n", 1)
-            for r in rows
-        ]
-        p50 = [r["latency_us"]["p50"] for r in rows]
-        p99 = [r["latency_us"]["p99"] for r in rows]
-        positions = range(len(rows))
+    for position, row in zip(positions, rows, strict=True):
         ax.barh(
-            [p + 0.2 for p in positions], p50, height=0.4, label="p50", color="#4477aa"
+            position,
+            row["latency_us"]["p50"],
+            color=colours[row["situation"]],
+            alpha=0.5 if row["floor"] else 1.0,
         )
-        ax.barh(
-            [p - 0.2 for p in positions], p99, height=0.4, label="p99", color="#ee6677"
-        )
-        ax.set_yticks(list(positions), names, fontsize=7)
-        ax.invert_yaxis()
-        ax.set_xscale("log")
-        ax.set_xlabel("µs per call (log)")
-        ax.set_title(situation, fontsize=10)
-    axes[0].legend(fontsize=7, loc="lower right")
+    ax.scatter(
+        [r["latency_us"]["p99"] for r in rows],
+        positions,
+        marker="|",
+        s=120,
+        color="black",
+        label="p99",
+        zorder=3,
+    )
+    ax.set_yticks(
+        positions, [f"{r['situation']}: {r['name']}" for r in rows], fontsize=7
+    )
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlim(left=0.05)
+    ax.set_xlabel("µs per get_token (bar: p50, tick: p99; pale bars: floors)")
+    ax.legend(fontsize=7, loc="lower right")
 
     return figure
 
