@@ -284,6 +284,28 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def _library_version() -> dict[str, Any]:
+    """The commit of the tokenfleet checkout measured, and whether src/ differs from it."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=BENCH_DIR,
+            timeout=10,
+        ).stdout.strip()
+
+    try:
+        return {
+            "commit": git("rev-parse", "--short", "HEAD"),
+            "src_modified": bool(git("status", "--porcelain", "--", "../src")),
+        }
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": "unknown", "src_modified": None}
+
+
 def machine_info() -> dict[str, Any]:
     """What the figures were measured on."""
     affinity = getattr(os, "sched_getaffinity", None)
@@ -295,6 +317,7 @@ def machine_info() -> dict[str, Any]:
         "implementation": platform.python_implementation(),
         "platform": platform.platform(),
         "redis_server": _redis_server_version(),
+        "tokenfleet_checkout": _library_version(),
         "packages": {
             name: _version(name)
             for name in (
