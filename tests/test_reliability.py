@@ -25,6 +25,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from _support import wait_until
 from tokenfleet import (
     CacheClosedError,
     ClientCredentials,
@@ -574,6 +575,39 @@ async def test_rate_limited_lease_holder_waits_out_the_reset_alone(
     assert len({token.access_token for token in tokens}) == 1
     assert [request.status for request in idp.requests] == [429, 200]
     assert idp.requests[1].at - idp.requests[0].at >= 0.4
+
+
+@pytest.mark.anyio
+async def test_rate_limit_bucket_is_shared_while_the_holder_waits_it_out(
+    redis_server: RedisServer, idp: FakeIdP
+) -> None:
+    """Other clients of the URL back off while one lease holder waits for the reset."""
+    reset = time.time() + 0.6
+    idp.fail_next(
+        ScriptedFailure(
+            429,
+            headers={"X-Rate-Limit-Remaining": "0", "X-Rate-Limit-Reset": f"{reset}"},
+        )
+    )
+    retry = RetryPolicy(deadline=5.0, initial_backoff=0.05)
+
+    async with (
+        cache_for(redis_server.url, retry=retry) as holder,
+        cache_for(redis_server.url) as other,
+    ):
+        waiting = asyncio.ensure_future(fetch_token(holder, idp, READ, PRIMARY))
+        await wait_until(lambda: len(idp.requests) >= 1, what="first request")
+        await anyio.sleep(0.1)
+
+        with pytest.raises(RateLimitedError) as refused:
+            await fetch_token(other, idp, WRITE, OTHER)
+        requests_while_waiting = len(idp.requests)
+
+        await waiting
+
+    assert refused.value.endpoint_wide
+    assert requests_while_waiting == 1
+    assert [request.status for request in idp.requests] == [429, 200]
 
 
 @pytest.mark.anyio

@@ -801,9 +801,19 @@ class TokenCache:
 
         started = self._now()
         self._idp_fetches += 1
+
+        async def on_retry(exc: TokenFleetError, wait: float) -> None:
+            # Tell the fleet at once, not after this request's retries: until
+            # then, every other client of the URL would make its own request.
+            if isinstance(exc, RateLimitedError) and exc.endpoint_wide:
+                await self._start_endpoint_cooldown(request, exc)
+
         try:
             response = await self._endpoint.fetch(
-                request.credentials, request.token_url, request.scopes
+                request.credentials,
+                request.token_url,
+                request.scopes,
+                on_retry=on_retry,
             )
         except RateLimitedError as exc:
             if exc.endpoint_wide:
@@ -923,8 +933,9 @@ class TokenCache:
             isinstance(exc, RateLimitedError | IdPUnavailableError)
             and exc.retry_after is not None
         ):
-            wait = exc.retry_after
-            return min(self._max_cooldown, max(self._unavailable_cooldown, wait))
+            # The IdP named the wait: honour it as given (a zero would let the
+            # fleet hammer it, so not less than a tenth of a second).
+            return min(self._max_cooldown, max(0.1, exc.retry_after))
         return self._unavailable_cooldown
 
     async def _record_failure(

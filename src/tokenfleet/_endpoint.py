@@ -12,7 +12,7 @@ import base64
 import ipaddress
 import logging
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal
@@ -248,8 +248,14 @@ class TokenEndpointClient:
         scopes: Iterable[str] | str | None = None,
         *,
         retry: RetryPolicy | None = None,
+        on_retry: Callable[[TokenFleetError, float], Awaitable[None]] | None = None,
     ) -> TokenResponse:
-        """Request a token, retrying transient failures within the deadline."""
+        """Request a token, retrying transient failures within the deadline.
+
+        *on_retry*, when given, is awaited with the error and the wait before
+        each retry: the cache uses it to tell the fleet about a rate limit
+        while this request waits it out.
+        """
         if self._closed:
             msg = "This TokenEndpointClient is closed."
             raise TokenFleetError(msg)
@@ -294,6 +300,8 @@ class TokenEndpointClient:
                         "error": type(failure.final).__name__,
                     },
                 )
+                if on_retry is not None:
+                    await on_retry(failure.final, wait)
                 await self._clock.sleep(wait)
                 attempt += 1
 
