@@ -472,6 +472,35 @@ async def test_lease_of_a_holder_cut_off_from_redis_expires_and_is_taken_over(
     assert idp.issued() == 2
 
 
+@pytest.mark.anyio
+async def test_waiter_stops_waiting_when_its_notice_connection_is_lost(
+    redis_server: RedisServer, proxy: ChaosProxy, idp: FakeIdP
+) -> None:
+    """A waiter whose Redis goes away fetches at once instead of after the backstop."""
+    latency = 0.8
+    idp.latency = latency
+
+    async with (
+        cache_for(redis_server.url) as holder,
+        cache_for(proxy.url) as waiter,
+    ):
+        held_call = asyncio.create_task(fetch_token(holder, idp, READ))
+        await wait_until(lambda: len(idp.requests) >= 1, what="the holder's request")
+        waiting_call = asyncio.create_task(fetch_token(waiter, idp, READ))
+        await wait_until(lambda: waiter.stats().waits >= 1, what="the waiter waiting")
+
+        refused_at = time.monotonic()
+        proxy.refuse()
+        fallback = await waiting_call
+        served_after = time.monotonic() - refused_at
+        held = await held_call
+
+    # Without the wake-up it would wait for the 2 s backstop first.
+    assert served_after < latency + 0.5
+    assert waiter.stats().fallback_fetches == 1
+    assert fallback.access_token != held.access_token
+
+
 # IdP trouble --------------------------------------------------------------------------
 
 

@@ -371,6 +371,7 @@ class TokenCache:
             )
         if self._redis_store is not None:
             self._redis_store.on_recovery(self._write_back_unshared)
+            self._redis_store.on_outage(self._wake_waiters)
             self._store = self._redis_store
 
         self._store.set_notice_handler(self._on_notice)
@@ -675,6 +676,13 @@ class TokenCache:
             async with asyncio.timeout(min(remaining, lease_left + 0.05, 2.0)):
                 await waiter.wait()
 
+    def _wake_waiters(self) -> None:
+        # No notice will come through a broken Redis: waiters look again now,
+        # find the store unavailable and fetch for this process.
+        waiters, self._waiters = self._waiters, {}
+        for waiter in waiters.values():
+            waiter.set()
+
     def _on_notice(self, kind: str, eid: str, digest: str) -> None:
         waiter = self._waiters.pop(eid, None)
         if waiter is not None:
@@ -702,9 +710,15 @@ class TokenCache:
         # XFetch-style: refresh early by an exponentially distributed amount,
         # scaled by the larger of the fetch time and a share of the lifetime,
         # and capped, so that entries fetched together spread out.
+        # The cap keeps at least three quarters of the refresh age even when
+        # a fetch is slow next to the lifetime; without it a slow IdP would
+        # make a token due the moment it arrives.
         scale = max(fetch_seconds, self._refresh_jitter * expires_in)
-        early = min(3 * scale, -scale * math.log(1.0 - self._rng.random()))
-        refresh_age = max(0.0, self._refresh_ratio * expires_in - early)
+        planned_age = self._refresh_ratio * expires_in
+        early = min(
+            3 * scale, planned_age / 4, -scale * math.log(1.0 - self._rng.random())
+        )
+        refresh_age = planned_age - early
 
         return ttl, max(0.0, ttl - refresh_age), margin
 

@@ -209,6 +209,7 @@ class RedisStore:
         self._probe_task: asyncio.Task[None] | None = None
         self._listener_task: asyncio.Task[None] | None = None
         self._recovery_callbacks: list[Callable[[], Awaitable[None]]] = []
+        self._outage_callbacks: list[Callable[[], None]] = []
         self._closed = False
 
     @classmethod
@@ -242,6 +243,10 @@ class RedisStore:
     def on_recovery(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Run *callback* each time Redis answers again after an outage."""
         self._recovery_callbacks.append(callback)
+
+    def on_outage(self, callback: Callable[[], None]) -> None:
+        """Call *callback* each time an outage starts (the breaker opens)."""
+        self._outage_callbacks.append(callback)
 
     def set_notice_handler(self, handler: NoticeHandler) -> None:
         """Deliver notices from the channel to *handler*."""
@@ -285,6 +290,8 @@ class RedisStore:
         # (a blackholed network raises nothing); start it afresh on recovery.
         if self._listener_task is not None:
             self._listener_task.cancel()
+        for callback in self._outage_callbacks:
+            callback()
 
     async def _probe(self) -> None:
         interval = self._probe_interval
@@ -353,22 +360,21 @@ class RedisStore:
     # Notices -----------------------------------------------------------------
 
     async def _listen(self) -> None:
-        backoff = self._probe_interval
-        while not self._closed:
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
-            try:
-                async with asyncio.timeout(self._timeout):
-                    await pubsub.subscribe(self._schema.channel)
-                backoff = self._probe_interval
-                while True:
-                    message = await pubsub.get_message(timeout=5.0)
-                    if message is not None:
-                        self._deliver(message.get("data"))
-            except (RedisError, OSError):
-                await asyncio.sleep(backoff)
-                backoff = min(self._max_probe_interval, backoff * 2)
-            finally:
-                await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
+        pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        try:
+            async with asyncio.timeout(self._timeout):
+                await pubsub.subscribe(self._schema.channel)
+            while True:
+                message = await pubsub.get_message(timeout=5.0)
+                if message is not None:
+                    self._deliver(message.get("data"))
+        except (RedisError, OSError) as exc:
+            # A lost notice connection is an outage like any other: the
+            # breaker opens, waiters stop waiting for notices that cannot
+            # come, and the probe starts a new listener once Redis is back.
+            self._trip(exc)
+        finally:
+            await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
 
     def _deliver(self, data: object) -> None:
         if self._handler is None or not isinstance(data, bytes):
