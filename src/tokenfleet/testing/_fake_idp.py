@@ -38,6 +38,7 @@ import orjson
 from aiohttp import web
 
 from tokenfleet._errors import ConfigurationError
+from tokenfleet.testing._threaded import LoopThread
 
 __all__ = ["FakeClient", "FakeIdP", "IdPRequest", "ScriptedFailure"]
 
@@ -204,9 +205,7 @@ class FakeIdP:
 
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
-        self._thread: threading.Thread | None = None
-        self._thread_loop: asyncio.AbstractEventLoop | None = None
-        self._thread_stop: asyncio.Event | None = None
+        self._thread: LoopThread | None = None
 
     # Addresses
 
@@ -376,30 +375,24 @@ class FakeIdP:
             msg = f"The fake IdP is already running in a thread at {self.url}."
             raise RuntimeError(msg)
 
-        started = threading.Event()
-        failures: list[Exception] = []
-        thread = threading.Thread(
-            target=lambda: asyncio.run(self._serve_in_thread(started, failures)),
-            name="tokenfleet-fake-idp",
-            daemon=True,
-        )
-        thread.start()
-        started.wait()
-
-        if failures:
-            thread.join()
-            raise failures[0]
+        thread = LoopThread("tokenfleet-fake-idp")
+        try:
+            thread.call(self.start())
+        except BaseException:
+            thread.close()
+            raise
         self._thread = thread
 
     def stop_thread(self) -> None:
         """Stop the server started by `start_in_thread` and wait for its thread."""
         thread, self._thread = self._thread, None
-        if thread is None or self._thread_loop is None or self._thread_stop is None:
+        if thread is None:
             return
 
-        self._thread_loop.call_soon_threadsafe(self._thread_stop.set)
-        thread.join()
-        self._thread_loop = self._thread_stop = None
+        try:
+            thread.call(self.stop())
+        finally:
+            thread.close()
 
     @contextmanager
     def running_in_thread(self) -> Iterator[Self]:
@@ -409,24 +402,6 @@ class FakeIdP:
             yield self
         finally:
             self.stop_thread()
-
-    async def _serve_in_thread(
-        self, started: threading.Event, failures: list[Exception]
-    ) -> None:
-        self._thread_loop = asyncio.get_running_loop()
-        self._thread_stop = asyncio.Event()
-        try:
-            await self.start()
-        except Exception as exc:
-            failures.append(exc)
-            return
-        finally:
-            started.set()
-
-        try:
-            await self._thread_stop.wait()
-        finally:
-            await self.stop()
 
     # Serving
 

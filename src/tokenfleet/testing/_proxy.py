@@ -24,11 +24,12 @@ import concurrent.futures
 import enum
 import socket
 import struct
-import threading
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from types import TracebackType
+
+from tokenfleet.testing._threaded import LoopThread
 
 __all__ = ["ChaosProxy"]
 
@@ -87,7 +88,7 @@ class ChaosProxy:
         self._mode = _Mode.FORWARD
         self._latency = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._thread: LoopThread | None = None
         self._listener: socket.socket | None = None
         self._links: set[_Link] = set()
         self._sessions: set[asyncio.Task[None]] = set()
@@ -151,32 +152,22 @@ class ChaosProxy:
             msg = f"The chaos proxy on port {self._port} is already running."
             raise RuntimeError(msg)
 
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(
-            target=_run_loop, args=(loop,), name="tokenfleet-chaos-proxy", daemon=True
-        )
-        thread.start()
-
+        thread = LoopThread("tokenfleet-chaos-proxy")
         try:
-            started = asyncio.run_coroutine_threadsafe(self.start(), loop)
-            started.result(timeout=_THREAD_TIMEOUT)
+            thread.call(self.start(), timeout=_THREAD_TIMEOUT)
         except BaseException:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join()
+            thread.close()
             raise
         self._thread = thread
 
     def stop_in_thread(self) -> None:
         """Stop a proxy started with `start_in_thread` and end its thread."""
-        thread, loop = self._thread, self._loop
-        if thread is None or loop is None:
+        thread = self._thread
+        if thread is None or self._loop is None:
             return
 
-        stopped = asyncio.run_coroutine_threadsafe(self.stop(), loop)
-        stopped.result(timeout=_THREAD_TIMEOUT)
-
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=_THREAD_TIMEOUT)
+        thread.call(self.stop(), timeout=_THREAD_TIMEOUT)
+        thread.close(timeout=_THREAD_TIMEOUT)
         self._thread = None
 
     def forward(self) -> None:
@@ -440,12 +431,3 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
-
-
-def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
-    asyncio.set_event_loop(loop)
-    try:
-        loop.run_forever()
-    finally:
-        loop.run_until_complete(loop.shutdown_default_executor())
-        loop.close()
