@@ -11,7 +11,6 @@ requests the IdP received.  Whole worker processes are killed in
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import time
@@ -25,7 +24,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from _support import wait_until
+from _support import claims, wait_until
 from tokenfleet import (
     CacheClosedError,
     ClientCredentials,
@@ -124,9 +123,7 @@ def cache_for(url: str | None, **options: Any) -> TokenCache:
 
 def expiry(token: Token) -> float:
     """Return the ``exp`` claim of a token minted by `FakeIdP`."""
-    body = token.access_token.split(".")[1]
-    claims = orjson.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
-    return float(claims["exp"])
+    return float(claims(token.access_token)["exp"])
 
 
 async def fetch_token(
