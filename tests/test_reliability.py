@@ -181,6 +181,16 @@ async def recovered(caplog: pytest.LogCaptureFixture) -> bool:
     return "redis.recovered" in redis_events(caplog)
 
 
+async def written_back(cache: TokenCache) -> bool:
+    """Whether *cache* has written one token it fetched alone back to Redis."""
+    return cache.stats().write_backs == 1
+
+
+async def leased(admin: aioredis.Redis) -> bool:
+    """Whether some worker holds a lease in Redis."""
+    return bool(await admin.keys(f"{NAMESPACE}:*:lease"))
+
+
 def inject(fault: str, proxy: ChaosProxy, server: RedisServer) -> None:
     """Break the way to Redis, or Redis itself, as *fault* names."""
     if fault == "refused":
@@ -301,11 +311,9 @@ async def test_token_fetched_during_an_outage_is_written_back(
         proxy.refuse()
         local = await fetch_token(cache, idp, READ)
         proxy.forward()
-
-        async def written_back() -> bool:
-            return cache.stats().write_backs == 1
-
-        await eventually(written_back, timeout=6.0, what="the write-back")
+        await eventually(
+            lambda: written_back(cache), timeout=6.0, what="the write-back"
+        )
         shared = await fetch_token(peer, idp, READ)
 
     assert shared.access_token == local.access_token
@@ -352,11 +360,7 @@ async def assert_refusal_is_one_outage(
     await anyio.sleep(1.6)
     assert (await fetch_token(cache, idp, WRITE)).access_token == token.access_token
     await mend()
-
-    async def written_back() -> bool:
-        return cache.stats().write_backs == 1
-
-    await eventually(written_back, timeout=6.0, what="the write-back")
+    await eventually(lambda: written_back(cache), timeout=6.0, what="the write-back")
     assert redis_events(caplog) == ["redis.unavailable", "redis.recovered"]
     assert cache.stats().fallback_fetches == 1
 
@@ -421,11 +425,9 @@ async def test_redis_loading_its_dataset_is_an_outage_until_loaded(
 
         async with cache_for(server.url) as cache:
             local = await fetch_token(cache, idp, READ)
-
-            async def written_back() -> bool:
-                return cache.stats().write_backs == 1
-
-            await eventually(written_back, timeout=8.0, what="the write-back")
+            await eventually(
+                lambda: written_back(cache), timeout=8.0, what="the write-back"
+            )
 
         async with cache_for(server.url) as peer:
             shared = await fetch_token(peer, idp, READ)
@@ -454,11 +456,7 @@ async def test_lease_of_a_holder_cut_off_from_redis_expires_and_is_taken_over(
         cache_for(redis_server.url, **options) as taker,
     ):
         held_call = asyncio.create_task(fetch_token(holder, idp, READ))
-
-        async def leased() -> bool:
-            return bool(await admin.keys(f"{NAMESPACE}:*:lease"))
-
-        await eventually(leased, timeout=2.0, what="taking the lease")
+        await eventually(lambda: leased(admin), timeout=2.0, what="taking the lease")
         proxy.blackhole()
         taken, waited = await timed(fetch_token(taker, idp, READ))
         held = await held_call
@@ -857,16 +855,13 @@ async def test_closing_releases_held_leases_and_stops_background_tasks(
     """aclose() does not wait for the IdP, frees the lease and leaves no task."""
     idp.latency = 5.0
 
-    async def leased() -> bool:
-        return bool(await admin.keys(f"{NAMESPACE}:*:lease"))
-
     # Closed at ten moments around taking the lease and starting the fetch,
     # so that a cancellation lost at any of them shows.
     for attempt in range(10):
         cache = cache_for(redis_server.url)
         await cache.start()
         caller = asyncio.create_task(fetch_token(cache, idp, READ))
-        await eventually(leased, timeout=2.0, what="taking the lease")
+        await eventually(lambda: leased(admin), timeout=2.0, what="taking the lease")
         await anyio.sleep(attempt / 1000)
 
         started = time.monotonic()
@@ -876,7 +871,7 @@ async def test_closing_releases_held_leases_and_stops_background_tasks(
         with pytest.raises(CacheClosedError):
             await caller
         assert closing < SLACK
-        assert not await leased()
+        assert not await leased(admin)
         assert not [
             task
             for task in asyncio.all_tasks()
