@@ -191,6 +191,20 @@ async def leased(admin: aioredis.Redis) -> bool:
     return bool(await admin.keys(f"{NAMESPACE}:*:lease"))
 
 
+async def burst_from_three_workers(
+    url: str, idp: FakeIdP, retry: RetryPolicy
+) -> list[Token]:
+    """Ask for the same token from ten callers on each of three workers at once."""
+    async with contextlib.AsyncExitStack() as stack:
+        caches = [
+            await stack.enter_async_context(cache_for(url, retry=retry))
+            for _ in range(3)
+        ]
+        return await asyncio.gather(
+            *(fetch_token(cache, idp, READ) for cache in caches for _ in range(10))
+        )
+
+
 def inject(fault: str, proxy: ChaosProxy, server: RedisServer) -> None:
     """Break the way to Redis, or Redis itself, as *fault* names."""
     if fault == "refused":
@@ -587,14 +601,7 @@ async def test_rate_limited_lease_holder_waits_out_the_reset_alone(
     )
     retry = RetryPolicy(deadline=5.0, initial_backoff=0.05)
 
-    async with contextlib.AsyncExitStack() as stack:
-        caches = [
-            await stack.enter_async_context(cache_for(redis_server.url, retry=retry))
-            for _ in range(3)
-        ]
-        tokens = await asyncio.gather(
-            *(fetch_token(cache, idp, READ) for cache in caches for _ in range(10))
-        )
+    tokens = await burst_from_three_workers(redis_server.url, idp, retry)
 
     assert len({token.access_token for token in tokens}) == 1
     assert [request.status for request in idp.requests] == [429, 200]
@@ -642,14 +649,7 @@ async def test_burst_of_503_is_retried_by_one_lease_holder_for_the_fleet(
     idp.fail_next(*[ScriptedFailure(503)] * 3)
     retry = RetryPolicy(deadline=5.0, initial_backoff=0.05, max_backoff=0.2)
 
-    async with contextlib.AsyncExitStack() as stack:
-        caches = [
-            await stack.enter_async_context(cache_for(redis_server.url, retry=retry))
-            for _ in range(3)
-        ]
-        tokens = await asyncio.gather(
-            *(fetch_token(cache, idp, READ) for cache in caches for _ in range(10))
-        )
+    tokens = await burst_from_three_workers(redis_server.url, idp, retry)
 
     assert len({token.access_token for token in tokens}) == 1
     assert [request.status for request in idp.requests] == [503, 503, 503, 200]
