@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -354,3 +355,19 @@ def test_thread_hosted_proxy_switches_modes_from_sync_code(
 
         chaos.forward()
         assert client.ping()
+
+
+def test_thread_hosted_proxy_reports_a_taken_port_and_ends_its_thread(
+    proxied_server: RedisServer,
+) -> None:
+    """A proxy that cannot listen raises in the caller and leaves no thread."""
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        chaos = ChaosProxy(proxied_server.host, proxied_server.port, port=port)
+
+        with pytest.raises(RuntimeError, match=f"127.0.0.1:{port}"):
+            chaos.start_in_thread()
+
+    assert "tokenfleet-chaos-proxy" not in {t.name for t in threading.enumerate()}
