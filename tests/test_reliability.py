@@ -335,6 +335,33 @@ async def test_token_fetched_during_an_outage_is_written_back(
 
 
 @pytest.mark.anyio
+async def test_tokens_a_restarted_redis_lost_are_given_back_to_it(
+    redis_server: RedisServer, idp: FakeIdP, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Redis restarted empty gets the tokens processes hold, without IdP calls."""
+    caplog.set_level(logging.WARNING, logger="tokenfleet")
+
+    async def unavailable() -> bool:
+        return "redis.unavailable" in redis_events(caplog)
+
+    async with (
+        cache_for(redis_server.url) as cache,
+        cache_for(redis_server.url) as peer,
+    ):
+        held = await fetch_token(cache, idp, READ)
+        redis_server.kill()
+        await eventually(unavailable, timeout=6.0, what="the outage")
+        await anyio.to_thread.run_sync(redis_server.restart)
+        await eventually(
+            lambda: written_back(cache), timeout=6.0, what="the write-back"
+        )
+        shared = await fetch_token(peer, idp, READ)
+
+    assert shared.access_token == held.access_token
+    assert idp.issued() == 1
+
+
+@pytest.mark.anyio
 async def test_newer_redis_entry_wins_over_a_local_one(
     redis_server: RedisServer,
     proxy: ChaosProxy,

@@ -25,6 +25,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from _support import wait_until
 from tokenfleet import ClientCredentials
 from tokenfleet._fleet import rounded_up_time
 from tokenfleet.testing import FakeIdP, RedisServer
@@ -307,6 +308,14 @@ async def test_redis_killed_and_restarted_under_load(
 
             for worker in workers:
                 await worker.wait_for_warning("redis.unavailable", timeout=8.0)
+            # Keep Redis down until the refreshes fall due, so that the
+            # outage has tokens fetched by processes alone to write back.
+            await wait_until(
+                lambda: len(idp.requests) > before_outage,
+                timeout=8.0,
+                what="a refresh during the outage",
+            )
+            await anyio.sleep(0.5)
             await anyio.to_thread.run_sync(redis_server.restart)
             for worker in workers:
                 await worker.wait_for_warning("redis.recovered", timeout=8.0)

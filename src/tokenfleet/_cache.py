@@ -76,6 +76,22 @@ _FAILURE_TYPES: dict[str, type[TokenFleetError]] = {
 }
 
 
+def _entry_payload(
+    access_token: str, token_type: str, refresh_below: float, margin: float
+) -> tuple[bytes, str]:
+    """Return the stored form of a token entry, and the token's digest."""
+    digest = token_digest(access_token)
+    body = orjson.dumps(
+        {
+            "t": access_token,
+            "y": token_type,
+            "r": round(refresh_below * 1000),
+            "m": round(margin * 1000),
+        }
+    )
+    return digest.encode("ascii") + body, digest
+
+
 def _failure_record(exc: TokenFleetError) -> bytes:
     """Serialize an error so that other workers can raise the same one."""
     return orjson.dumps(
@@ -100,7 +116,8 @@ class CacheStats:
     requests this process made, `waits` are lookups that waited for another
     worker's fetch, `refresh_ahead` are background refreshes this process
     performed, `fallback_fetches` were made while Redis was unavailable,
-    `write_backs` are such tokens written to Redis after it returned, and
+    `write_backs` are tokens this process put back into Redis after an
+    outage (fetched during it, or lost by a restarted Redis), and
     `errors` counts failed lookups by error class.
     """
 
@@ -134,11 +151,9 @@ class _LocalEntry:
         "digest",
         "expire_at",
         "margin",
-        "payload",
         "refresh_at",
         "refresh_below",
         "request",
-        "shared",
         "token",
     )
 
@@ -151,9 +166,7 @@ class _LocalEntry:
         refresh_at: float,
         refresh_below: float,
         margin: float,
-        payload: bytes,
         request: _Request,
-        shared: bool,
     ) -> None:
         self.token = token
         self.digest = digest
@@ -161,10 +174,7 @@ class _LocalEntry:
         self.refresh_at = refresh_at
         self.refresh_below = refresh_below
         self.margin = margin
-        self.payload = payload
         self.request = request
-        # False while the token exists only here (fetched during an outage).
-        self.shared = shared
 
 
 class _CorruptEntryError(Exception):
@@ -370,7 +380,7 @@ class TokenCache:
                 timeout=self._redis_timeout,
             )
         if self._redis_store is not None:
-            self._redis_store.on_recovery(self._write_back_unshared)
+            self._redis_store.on_recovery(self._write_back_local)
             self._redis_store.on_outage(self._wake_waiters)
             self._store = self._redis_store
 
@@ -725,16 +735,9 @@ class TokenCache:
     def _encode(
         self, response: TokenResponse, refresh_below: float, margin: float
     ) -> tuple[bytes, str]:
-        digest = token_digest(response.access_token)
-        body = orjson.dumps(
-            {
-                "t": response.access_token,
-                "y": response.token_type,
-                "r": round(refresh_below * 1000),
-                "m": round(margin * 1000),
-            }
+        return _entry_payload(
+            response.access_token, response.token_type, refresh_below, margin
         )
-        return digest.encode("ascii") + body, digest
 
     def _remember(
         self,
@@ -742,8 +745,6 @@ class TokenCache:
         payload: bytes,
         ttl_seconds: float,
         read_at: float,
-        *,
-        shared: bool,
     ) -> Token:
         """Decode *payload* into the in-process layer and return its token."""
         try:
@@ -771,11 +772,7 @@ class TokenCache:
             refresh_at=expire_at - refresh_below,
             refresh_below=refresh_below,
             margin=margin,
-            # Only a token that Redis has not seen needs its payload kept,
-            # for the write-back; otherwise it would double the entry's size.
-            payload=b"" if shared else payload,
             request=request,
-            shared=shared,
         )
 
         local = self._local
@@ -801,7 +798,7 @@ class TokenCache:
         # remaining lifetime by the round trip, so count from a little before.
         read_at = self._now() - 0.001
         return self._remember(
-            request, snapshot.payload, snapshot.ttl_ms / 1000, read_at, shared=True
+            request, snapshot.payload, snapshot.ttl_ms / 1000, read_at
         )
 
     async def _fetch(self, request: _Request) -> tuple[TokenResponse, float]:
@@ -924,7 +921,7 @@ class TokenCache:
 
         # A commit refused because our lease ran out still leaves us with a
         # valid token; it is served here but never overwrites a newer one.
-        return self._remember(request, payload, ttl, started, shared=shared)
+        return self._remember(request, payload, ttl, started)
 
     async def _shielded(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
         """Run cleanup to the end even when the caller is being cancelled."""
@@ -1084,7 +1081,7 @@ class TokenCache:
 
         ttl, refresh_below, margin = self._plan(response.expires_in, fetch_seconds)
         payload, _ = self._encode(response, refresh_below, margin)
-        return self._remember(request, payload, ttl, started, shared=False)
+        return self._remember(request, payload, ttl, started)
 
     def _remember_failure(
         self, request: _Request, record: bytes, cooldown: float
@@ -1111,21 +1108,29 @@ class TokenCache:
         snapshot = Snapshot(failure=known[1], failure_ttl_ms=round(left * 1000))
         raise self._remembered_error(snapshot)
 
-    async def _write_back_unshared(self) -> None:
-        """After an outage, share tokens fetched alone; a token in Redis wins."""
+    async def _write_back_local(self) -> None:
+        """After an outage, give Redis this process's tokens where it has none.
+
+        Tokens fetched during the outage, and tokens a restarted Redis lost,
+        become shared again; where Redis holds another token, Redis's wins
+        and this process picks it up on its next lookup.
+        """
         now = self._now()
         for eid, local in list(self._local.items()):
-            if local.shared or local.expire_at <= now:
+            remaining = local.expire_at - now
+            if remaining <= 0:
                 continue
-            ttl_ms = round((local.expire_at - now) * 1000)
+            token = local.token
+            payload, digest = _entry_payload(
+                token.access_token, token.token_type, local.refresh_below, local.margin
+            )
             try:
-                written = await self._store.write_back(
-                    eid, local.payload, ttl_ms, local.digest
+                current = await self._store.write_back(
+                    eid, payload, round(remaining * 1000), digest
                 )
             except StoreUnavailableError:
                 return
-            local.shared = True
-            if written:
+            if current is None:
                 self._write_backs += 1
-            else:
+            elif current != local.digest:
                 local.refresh_at = 0.0

@@ -124,13 +124,16 @@ redis.call('PUBLISH', ARGV[2], ARGV[3])
 return deleted
 """
 
-# KEYS: token.  ARGV: payload, ttl ms, channel, notice.
+# KEYS: token.  ARGV: payload, ttl ms, channel, notice.  Returns nothing when
+# it stored the token, else the digest of the token already there.
 _WRITE_BACK = """
-if redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX') then
-  redis.call('PUBLISH', ARGV[3], ARGV[4])
-  return 1
+local current = redis.call('GET', KEYS[1])
+if current then
+  return string.sub(current, 1, 32)
 end
-return 0
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return false
 """
 
 # KEYS: cooldown.  Returns {record, ttl} or an empty list.
@@ -172,7 +175,7 @@ class RedisStore:
         owns_client: bool,
         timeout: float | None = None,
         probe_interval: float = 0.5,
-        max_probe_interval: float = 5.0,
+        max_probe_interval: float = 1.0,
     ) -> None:
         self._client = client
         # Bounds each operation, connecting included (None: the client's own
@@ -451,15 +454,15 @@ class RedisStore:
 
     async def write_back(
         self, eid: str, payload: bytes, ttl_ms: int, digest: str
-    ) -> bool:
-        """Store a token fetched during an outage only when Redis has none."""
+    ) -> str | None:
+        """Store a token only when Redis has none; else return the digest of Redis's."""
         schema = self._schema
         reply = await self._run(
             "write_back",
             [schema.token(eid)],
             [payload, ttl_ms, schema.channel, f"c {eid} {digest}"],
         )
-        return bool(reply)
+        return reply.decode("ascii") if isinstance(reply, bytes) else None
 
     async def endpoint_cooldown(self, uid: str) -> Snapshot:
         """Return the cooldown of a token URL as a failure record, if any."""

@@ -80,7 +80,7 @@ class Store(Protocol):
 
     async def write_back(
         self, eid: str, payload: bytes, ttl_ms: int, digest: str
-    ) -> bool: ...
+    ) -> str | None: ...
 
     async def endpoint_cooldown(self, uid: str) -> Snapshot: ...
 
@@ -256,17 +256,18 @@ class MemoryStore:
 
     async def write_back(
         self, eid: str, payload: bytes, ttl_ms: int, digest: str
-    ) -> bool:
-        """Store a token fetched elsewhere only when no token is there."""
+    ) -> str | None:
+        """Store a token only when none is there; else return the digest of the one there."""
         slot = self._slot(eid)
-        if self._snapshot(slot).payload is not None:
-            return False
+        current = self._snapshot(slot).payload
+        if current is not None:
+            return payload_digest(current)
         slot.payload, slot.payload_until = (
             payload,
             self._clock.monotonic() + ttl_ms / 1000,
         )
         self._notify("c", eid, digest)
-        return True
+        return None
 
     async def endpoint_cooldown(self, uid: str) -> Snapshot:
         """Return the cooldown of a token URL as a failure record, if any."""
