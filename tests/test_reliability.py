@@ -269,6 +269,33 @@ async def test_open_breaker_stops_waiting_on_redis(
 
 
 @pytest.mark.anyio
+async def test_busy_event_loop_is_not_taken_for_a_redis_outage(
+    redis_server: RedisServer,
+    proxy: ChaosProxy,
+    idp: FakeIdP,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A Redis call whose timeout fires late because the loop was blocked gets a second chance."""
+    caplog.set_level(logging.WARNING, logger="tokenfleet")
+    async with cache_for(redis_server.url) as writer, cache_for(proxy.url) as reader:
+        shared = await fetch_token(writer, idp, READ)
+        proxy.delay(REDIS_TIMEOUT / 4)
+
+        # Block the loop from just after the reader's script leaves until
+        # well past redis_timeout: the reply arrives meanwhile, but the
+        # timeout fires (late) before the loop can read it.
+        asyncio.get_running_loop().call_later(
+            REDIS_TIMEOUT / 10, time.sleep, 3 * REDIS_TIMEOUT
+        )
+        read = await fetch_token(reader, idp, READ)
+
+    assert read.access_token == shared.access_token
+    assert reader.stats().fallback_fetches == 0
+    assert redis_events(caplog) == []
+    assert idp.issued() == 1
+
+
+@pytest.mark.anyio
 async def test_failing_idp_during_a_redis_outage_is_asked_once_per_cooldown(
     proxy: ChaosProxy, idp: FakeIdP
 ) -> None:

@@ -48,7 +48,8 @@ return {false, -2}
 # Returns {outcome, payload, ttl, failure, failure ttl, lease ttl} with outcome
 # 0 present (token not due), 1 won, 2 held, 3 failed.  Checking the token
 # and taking the lease in one script is what makes "check again after
-# winning" free.
+# winning" free.  A lease already named after the caller counts as won: a
+# call whose reply was lost to a timeout may run the script a second time.
 _ACQUIRE = """
 local payload = redis.call('GET', KEYS[1])
 local ttl = -2
@@ -63,6 +64,9 @@ if failure then
   return {3, payload, ttl, failure, redis.call('PTTL', KEYS[3])}
 end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {1, payload, ttl}
+end
+if redis.call('GET', KEYS[2]) == ARGV[1] then
   return {1, payload, ttl}
 end
 return {2, payload, ttl, false, -2, redis.call('PTTL', KEYS[2])}
@@ -144,6 +148,21 @@ if record then
 end
 return {}
 """
+
+# A timeout that fires this late (as a share of redis_timeout) shows an
+# event loop too busy to read replies, not a Redis that does not answer; the
+# call then waits up to this many times redis_timeout before the breaker opens.
+_BUSY_LATENESS = 0.2
+_BUSY_TIMEOUT_FACTOR = 8
+
+
+class _TimedOutError(Exception):
+    """A Redis call ran out of time; `lateness` is how late the timeout fired."""
+
+    def __init__(self, lateness: float) -> None:
+        super().__init__(f"Redis did not answer in time (timer {lateness:.3f} s late).")
+        self.lateness = lateness
+
 
 _OUTCOMES = (Outcome.PRESENT, Outcome.WON, Outcome.HELD, Outcome.FAILED)
 
@@ -346,9 +365,43 @@ class RedisStore:
             raise StoreUnavailableError(msg)
 
     async def _run_script(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        timeout = self._timeout
         try:
-            async with asyncio.timeout(self._timeout):
+            return await self._answer(script, keys, args, timeout)
+        except _TimedOutError as exc:
+            if timeout is None or exc.lateness < timeout * _BUSY_LATENESS:
+                self._trip(exc)
+                msg = f"Redis did not answer the {script} script in time."
+                raise StoreUnavailableError(msg) from exc
+
+        # The timeout itself fired late: this process's event loop (or the
+        # host) is too busy to read replies in time, which says nothing about
+        # Redis.  Opening the breaker would send every process to the IdP and
+        # load the host further, so the call gets a longer second chance.
+        # Every script is safe to run twice; see _ACQUIRE for the one case
+        # that needs care.
+        try:
+            return await self._answer(
+                script, keys, args, timeout * _BUSY_TIMEOUT_FACTOR
+            )
+        except _TimedOutError as exc:
+            self._trip(exc)
+            msg = f"Redis did not answer the {script} script in time."
+            raise StoreUnavailableError(msg) from exc
+
+    async def _answer(
+        self, script: str, keys: list[str], args: list[Any], timeout: float | None
+    ) -> Any:
+        """Run one script within *timeout*; map every Redis failure."""
+        scope = asyncio.timeout(timeout)
+        try:
+            async with scope:
                 return await self._scripts[script](keys=keys, args=args)
+        except TimeoutError as exc:
+            deadline = scope.when()
+            now = asyncio.get_running_loop().time()
+            late = now - deadline if deadline is not None else 0.0
+            raise _TimedOutError(late) from exc
         except ResponseError as exc:
             # READONLY, OOM, LOADING, MASTERDOWN and the like: Redis answered
             # but cannot serve us, which for the cache is an outage.
