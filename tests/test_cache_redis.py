@@ -508,6 +508,11 @@ async def test_invalid_client_is_remembered_across_the_fleet(
         ({"token_url": "IDP", "scopes": [""]}, ConfigurationError),
         ({"token_url": "IDP", "scopes": ['say"what']}, ConfigurationError),
         ({"token_url": "IDP", "scopes": [7]}, ConfigurationError),
+        ({"token_url": "IDP", "scopes": 7}, ConfigurationError),
+        ({"token_url": "IDP", "scopes": [["submissions.read"]]}, ConfigurationError),
+        ({"stage": ["prod"], "cell": "eu-1"}, UnknownRegionError),
+        ({"token_url": ["IDP"]}, ConfigurationError),
+        ({"token_url": "IDP", "credentials": None}, ConfigurationError),
         (
             {"token_url": "IDP", "credentials": (CLIENT_ID, CLIENT_SECRET)},
             ConfigurationError,

@@ -438,14 +438,16 @@ class TokenCache:
         # warm lookup skips validation and hashing.  Lists are the usual
         # scopes; any other iterable is read once, here, since an iterator
         # cannot be read twice.
-        if type(scopes) is list:
-            scope_key: object = tuple(scopes)
-        elif scopes is None or type(scopes) is str or type(scopes) is tuple:
-            scope_key = scopes
-        else:
-            scopes = scope_key = tuple(scopes)
+        # Arguments that cannot be a memo key (not credentials, unhashable,
+        # not iterable) go to _resolve, which says what is wrong with them.
         memo: tuple[object, ...]
         try:
+            if type(scopes) is list:
+                scope_key: object = tuple(scopes)
+            elif scopes is None or type(scopes) is str or type(scopes) is tuple:
+                scope_key = scopes
+            else:
+                scopes = scope_key = tuple(scopes)
             memo = (
                 credentials.client_id,
                 credentials.client_secret,
@@ -454,9 +456,9 @@ class TokenCache:
                 token_url,
                 scope_key,
             )
-        except AttributeError:
-            memo = ()
-        request = self._requests.get(memo)
+            request = self._requests.get(memo)
+        except (AttributeError, TypeError):
+            memo, request = (), None
         if request is None:
             request = self._resolve(memo, credentials, stage, cell, token_url, scopes)
 
@@ -564,9 +566,10 @@ class TokenCache:
         )
 
         # The memo only saves the hashing above; dropping it is harmless.
-        if len(self._requests) >= 4 * self._local_max:
-            self._requests.clear()
-        self._requests[memo] = request
+        if memo:
+            if len(self._requests) >= 4 * self._local_max:
+                self._requests.clear()
+            self._requests[memo] = request
 
         return request
 

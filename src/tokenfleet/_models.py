@@ -91,8 +91,16 @@ def normalize_scopes(scopes: Iterable[str] | str | None) -> tuple[str, ...]:
     """
     if scopes is None:
         return ()
-    items = scopes.split() if isinstance(scopes, str) else list(scopes)
+    if isinstance(scopes, str):
+        items: list[object] = list(scopes.split())
+    else:
+        try:
+            items = list(scopes)
+        except TypeError as exc:
+            msg = f"Scopes must be a string or an iterable of strings, not {type(scopes).__name__}."
+            raise ConfigurationError(msg) from exc
 
+    names: set[str] = set()
     for scope in items:
         if not isinstance(scope, str) or not scope:
             msg = f"Each scope must be a non-empty string, not {scope!r}."
@@ -103,5 +111,6 @@ def normalize_scopes(scopes: Iterable[str] | str | None) -> tuple[str, ...]:
                 "not allow (space, quote, backslash or non-printable)."
             )
             raise ConfigurationError(msg)
+        names.add(scope)
 
-    return tuple(sorted(set(items)))
+    return tuple(sorted(names))
