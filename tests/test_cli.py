@@ -539,3 +539,23 @@ def test_fake_idp_reports_a_port_in_use(capsys: pytest.CaptureFixture[str]) -> N
     assert status == 1
     assert str(port) in err
     assert err.count("\n") == 1
+
+
+def test_regions_into_a_closed_pipe_exits_quietly() -> None:
+    """A reader that goes away (``| head``) ends the command without a traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        finished = subprocess.run(
+            [sys.executable, "-m", "tokenfleet", "regions"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+
+    assert finished.returncode == 1
+    assert b"Traceback" not in finished.stderr
+    assert finished.stderr == b""
