@@ -123,6 +123,7 @@ class MemoryStore:
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
         self._slots: dict[str, _Slot] = {}
+        self._sweep_at = 1024
         self._cooldowns: dict[str, tuple[bytes, float]] = {}
         self._handler: NoticeHandler | None = None
 
@@ -144,8 +145,24 @@ class MemoryStore:
     def _slot(self, eid: str) -> _Slot:
         slot = self._slots.get(eid)
         if slot is None:
+            if len(self._slots) >= self._sweep_at:
+                self._sweep()
             slot = self._slots[eid] = _Slot()
         return slot
+
+    def _sweep(self) -> None:
+        """Forget entries whose token, lease and failure have all expired."""
+        for eid, slot in list(self._slots.items()):
+            snapshot = self._snapshot(slot)
+            if (
+                snapshot.payload is None
+                and snapshot.failure is None
+                and slot.lease is None
+            ):
+                del self._slots[eid]
+        # Sweep again when the live entries have doubled, so that sweeping
+        # costs a constant amount per entry created.
+        self._sweep_at = max(1024, 2 * len(self._slots))
 
     def _snapshot(self, slot: _Slot) -> Snapshot:
         now = self._clock.monotonic()
