@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
@@ -27,22 +27,6 @@ from ._keys import KeySchema
 from ._store import EMPTY, NoticeHandler, Outcome, Snapshot, StoreUnavailableError
 
 logger = logging.getLogger("tokenfleet.redis")
-
-T = TypeVar("T")
-
-# KEYS: token, lease, failure.  Returns {payload, ttl} when a token is there,
-# otherwise {false, -2, failure, failure ttl}.
-_READ = """
-local payload = redis.call('GET', KEYS[1])
-if payload then
-  return {payload, redis.call('PTTL', KEYS[1])}
-end
-local failure = redis.call('GET', KEYS[3])
-if failure then
-  return {false, -2, failure, redis.call('PTTL', KEYS[3])}
-end
-return {false, -2}
-"""
 
 # KEYS: token, lease, failure.  ARGV: owner, lease ms, due-below ms.
 # Returns {outcome, payload, ttl, failure, failure ttl, lease ttl} with outcome
@@ -209,7 +193,6 @@ class RedisStore:
         self._scripts = {
             name: client.register_script(source)
             for name, source in (
-                ("read", _READ),
                 ("acquire", _ACQUIRE),
                 ("renew", _RENEW),
                 ("commit", _COMMIT),
@@ -444,13 +427,6 @@ class RedisStore:
     def _entry_keys(self, eid: str) -> list[str]:
         schema = self._schema
         return [schema.token(eid), schema.lease(eid), schema.failure(eid)]
-
-    async def read(self, eid: str) -> Snapshot:
-        """Return the token, or the failure record when there is no token."""
-        reply = await self._run("read", self._entry_keys(eid), [])
-        if not reply:
-            return EMPTY
-        return _snapshot(reply, 0)
 
     async def acquire(
         self, eid: str, owner: str, lease_ms: int, due_below_ms: int

@@ -60,8 +60,6 @@ class Store(Protocol):
 
     def set_notice_handler(self, handler: NoticeHandler) -> None: ...
 
-    async def read(self, eid: str) -> Snapshot: ...
-
     async def acquire(
         self, eid: str, owner: str, lease_ms: int, due_below_ms: int
     ) -> tuple[Outcome, Snapshot]: ...
@@ -183,13 +181,6 @@ class MemoryStore:
             failure_ttl_ms=failure_ttl if failure is not None else -2,
             lease_ttl_ms=lease_ttl if slot.lease is not None else -2,
         )
-
-    async def read(self, eid: str) -> Snapshot:
-        """Return the entry and, when there is no token, the failure record."""
-        slot = self._slots.get(eid)
-        if slot is None:
-            return EMPTY
-        return self._snapshot(slot)
 
     async def acquire(
         self, eid: str, owner: str, lease_ms: int, due_below_ms: int
