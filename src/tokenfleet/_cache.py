@@ -25,7 +25,7 @@ import math
 import os
 import random
 import secrets
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -177,6 +177,43 @@ class _LocalEntry:
         self.request = request
 
 
+class _Cooldowns:
+    """Failure records kept in this process, each until its cooldown ends.
+
+    Serves what Redis cannot hold for the fleet: cooldowns of whole token
+    URLs, which every entry of the URL checks before fetching, and failures
+    of fetches made while Redis was unavailable.  Times are on the
+    monotonic clock.
+    """
+
+    def __init__(self, now: Callable[[], float], limit: int) -> None:
+        self._now = now
+        self._limit = limit
+        self._records: dict[str, tuple[float, bytes]] = {}
+
+    def remember(self, key: str, seconds: float, record: bytes) -> None:
+        """Keep *record* for *key* during *seconds*."""
+        now = self._now()
+        if len(self._records) >= self._limit:
+            self._records = {
+                known_key: known
+                for known_key, known in self._records.items()
+                if known[0] > now
+            }
+        self._records[key] = (now + seconds, record)
+
+    def active(self, key: str) -> Snapshot | None:
+        """Return the record of *key* as a failure snapshot, if still cooling down."""
+        known = self._records.get(key)
+        if known is None:
+            return None
+        left = known[0] - self._now()
+        if left <= 0:
+            del self._records[key]
+            return None
+        return Snapshot(failure=known[1], failure_ttl_ms=round(left * 1000))
+
+
 class _CorruptEntryError(Exception):
     """The store holds an entry this version cannot read."""
 
@@ -313,11 +350,11 @@ class TokenCache:
         self._inflight: dict[str, asyncio.Future[Token]] = {}
         self._refreshing: set[str] = set()
         self._waiters: dict[str, asyncio.Event] = {}
-        self._endpoint_cooldowns: dict[str, tuple[float, bytes]] = {}
+        self._endpoint_cooldowns = _Cooldowns(self._now, self._local_max)
         # Failures of fetches made while Redis could not record them, kept
-        # here instead (eid -> (until, record)) so a failing IdP is not asked
-        # again by every caller during an outage.
-        self._local_failures: dict[str, tuple[float, bytes]] = {}
+        # here instead so a failing IdP is not asked again by every caller
+        # during an outage.
+        self._local_failures = _Cooldowns(self._now, self._local_max)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._started = False
         self._closed = False
@@ -735,13 +772,6 @@ class TokenCache:
 
         return ttl, max(0.0, ttl - refresh_age), margin
 
-    def _encode(
-        self, response: TokenResponse, refresh_below: float, margin: float
-    ) -> tuple[bytes, str]:
-        return _entry_payload(
-            response.access_token, response.token_type, refresh_below, margin
-        )
-
     def _remember(
         self,
         request: _Request,
@@ -838,20 +868,18 @@ class TokenCache:
 
     async def _check_endpoint_cooldown(self, request: _Request) -> None:
         """Refuse to call an IdP that asked every client of it to back off."""
-        known = self._endpoint_cooldowns.get(request.url_id)
-        if known is not None and known[0] > self._now():
-            snapshot = Snapshot(
-                failure=known[1], failure_ttl_ms=round((known[0] - self._now()) * 1000)
-            )
-            raise self._remembered_error(snapshot)
+        known = self._endpoint_cooldowns.active(request.url_id)
+        if known is not None:
+            raise self._remembered_error(known)
 
         try:
             snapshot = await self._store.endpoint_cooldown(request.url_id)
         except StoreUnavailableError:
             return
         if snapshot.failure is not None and snapshot.failure_ttl_ms > 0:
-            until = self._now() + snapshot.failure_ttl_ms / 1000
-            self._endpoint_cooldowns[request.url_id] = (until, snapshot.failure)
+            self._endpoint_cooldowns.remember(
+                request.url_id, snapshot.failure_ttl_ms / 1000, snapshot.failure
+            )
             raise self._remembered_error(snapshot)
 
     async def _start_endpoint_cooldown(
@@ -859,7 +887,7 @@ class TokenCache:
     ) -> None:
         cooldown = self._cooldown(exc)
         record = _failure_record(exc)
-        self._endpoint_cooldowns[request.url_id] = (self._now() + cooldown, record)
+        self._endpoint_cooldowns.remember(request.url_id, cooldown, record)
         logger.warning(
             "endpoint.cooldown",
             extra={"token_url": request.token_url, "cooldown": cooldown},
@@ -900,7 +928,9 @@ class TokenCache:
         renewal.cancel()
 
         ttl, refresh_below, margin = self._plan(response.expires_in, fetch_seconds)
-        payload, digest = self._encode(response, refresh_below, margin)
+        payload, digest = _entry_payload(
+            response.access_token, response.token_type, refresh_below, margin
+        )
         try:
             shared = await self._shielded(
                 self._store.commit(
@@ -969,7 +999,7 @@ class TokenCache:
         try:
             await self._store.fail(request.eid, owner, record, round(cooldown * 1000))
         except StoreUnavailableError:
-            self._remember_failure(request, record, cooldown)
+            self._local_failures.remember(request.eid, cooldown, record)
 
     def _remembered_error(self, snapshot: Snapshot) -> TokenFleetError:
         """Rebuild the error another worker recorded, as the same type."""
@@ -1078,38 +1108,22 @@ class TokenCache:
         except TokenFleetError as exc:
             # An endpoint-wide cooldown is already remembered for the URL.
             if not (isinstance(exc, RateLimitedError) and exc.endpoint_wide):
-                record, cooldown = _failure_record(exc), self._cooldown(exc)
-                self._remember_failure(request, record, cooldown)
+                self._local_failures.remember(
+                    request.eid, self._cooldown(exc), _failure_record(exc)
+                )
             raise
 
         ttl, refresh_below, margin = self._plan(response.expires_in, fetch_seconds)
-        payload, _ = self._encode(response, refresh_below, margin)
+        payload, _ = _entry_payload(
+            response.access_token, response.token_type, refresh_below, margin
+        )
         return self._remember(request, payload, ttl, started)
-
-    def _remember_failure(
-        self, request: _Request, record: bytes, cooldown: float
-    ) -> None:
-        """Keep a failure in this process while Redis cannot hold it."""
-        now = self._now()
-        if len(self._local_failures) >= self._local_max:
-            self._local_failures = {
-                eid: known
-                for eid, known in self._local_failures.items()
-                if known[0] > now
-            }
-        self._local_failures[request.eid] = (now + cooldown, record)
 
     def _check_local_failure(self, request: _Request) -> None:
         """Raise the failure this process remembers for *request*, if any."""
-        known = self._local_failures.get(request.eid)
-        if known is None:
-            return
-        left = known[0] - self._now()
-        if left <= 0:
-            del self._local_failures[request.eid]
-            return
-        snapshot = Snapshot(failure=known[1], failure_ttl_ms=round(left * 1000))
-        raise self._remembered_error(snapshot)
+        known = self._local_failures.active(request.eid)
+        if known is not None:
+            raise self._remembered_error(known)
 
     async def _write_back_local(self) -> None:
         """After an outage, give Redis this process's tokens where it has none.
